@@ -1,0 +1,1 @@
+"""Shared code of the animal face recognition scripts (training, testing, Grad-CAM, SSIM)."""

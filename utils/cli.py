@@ -1,0 +1,148 @@
+"""Command-line helpers shared by the four scripts: flag types, logging and the error exit."""
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults in the help and keep the description's line breaks."""
+
+
+def positive_int(text: str) -> int:
+    """Parse a whole number greater than zero, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number greater than 0 (got {text!r})") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number greater than 0 (got {text!r})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """Parse a whole number of at least zero, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more (got {text!r})") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number of 0 or more (got {text!r})")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Parse a finite number greater than zero, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number greater than 0 (got {text!r})") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number greater than 0 (got {text!r})")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """Parse a number in [0, 1], for argparse (thresholds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (got {text!r})") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (got {text!r})")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    """Parse a number in [0, 1), for argparse (dropout rates, split fractions)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to but not including 1 (got {text!r})") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 up to but not including 1 (got {text!r})")
+    return value
+
+
+def granja_name(text: str) -> str:
+    """Parse a granja name, which must be a plain folder name."""
+    if not text or not text.strip():
+        raise argparse.ArgumentTypeError("a granja name must not be empty (use a folder name such as 'dogs42')")
+    if text in (".", "..") or "/" in text or "\\" in text or os.path.isabs(text) or "\x00" in text:
+        raise argparse.ArgumentTypeError(
+            f"a granja name must be a plain folder name without path separators or '..' (got {text!r}); "
+            "use --dataset-dir to point at the folder that contains it"
+        )
+    return text
+
+
+def add_root_flags(parser: argparse.ArgumentParser, *, dataset: bool = True, logs: bool = True) -> None:
+    """Add --dataset-dir, --models-dir and --logs-dir, the three per-granja roots."""
+    group = parser.add_argument_group("folders")
+    if dataset:
+        group.add_argument("--dataset-dir", type=Path, default=Path("dataset"), metavar="DIR",
+                           help="folder holding one sub-folder per granja, each with one sub-folder per class")
+    group.add_argument("--models-dir", type=Path, default=Path("models"), metavar="DIR",
+                       help="folder holding models/<granja>/ with the trained model and its files")
+    if logs:
+        group.add_argument("--logs-dir", type=Path, default=Path("logs"), metavar="DIR",
+                           help="folder holding logs/<granja>/ with TensorBoard runs and reports")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Add --debug, which shows tracebacks for user errors and turns on debug logging."""
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug messages")
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Send log records to stderr, so that stdout carries only a script's result."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    # TensorFlow's C++ and Python loggers are noisy at info level and say nothing a user can act on.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("h5py").setLevel(logging.WARNING)
+    logging.getLogger("PIL").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
+def quiet_tensorflow() -> None:
+    """Silence TensorFlow's start-up banner; call before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main`` and turn user errors and Ctrl-C into exit codes.
+
+    A ``UserError`` prints ``error: <message>`` on one line and returns 2; with ``--debug`` in
+    ``argv`` the traceback is printed as well. Ctrl-C returns 130. Any other exception is a bug
+    and propagates with its traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        code = main(args)
+    except UserError as err:
+        if debug:
+            logger.exception("user error")
+        message = " ".join(str(err).split())
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if code is None else int(code)

@@ -1,0 +1,95 @@
+"""Photo files: which names are photos, and decoding any of them to one RGB array."""
+
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from utils.errors import UserError
+
+# Lower-case suffixes read as photos; the letter case of a file name does not matter.
+PHOTO_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+
+# Names that operating systems and tools drop beside photos. Names starting with "." (".DS_Store",
+# "._photo.jpg" resource forks, ".ipynb_checkpoints") are hidden and skipped by that rule.
+JUNK_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", "__pycache__"})
+
+# Errors Pillow raises for a file that is not a photo or is cut short. Truncated JPEGs raise
+# OSError on load() because ImageFile.LOAD_TRUNCATED_IMAGES stays False; broken PNG chunks
+# raise SyntaxError or struct.error.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
+
+
+class UnreadableImageError(UserError):
+    """A file with a photo suffix that does not decode to a complete image."""
+
+
+def is_junk_name(name: str) -> bool:
+    """Return True for hidden files and folders and for names that tools leave beside photos."""
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def is_photo_name(name: str) -> bool:
+    """Return True for a visible file whose suffix is a supported photo format."""
+    return not is_junk_name(name) and Path(name).suffix.lower() in PHOTO_EXTENSIONS
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent pixels are composited over white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale: Pillow's own conversion clips at 255, so scale to 8 bits first.
+        values = np.asarray(image, dtype=np.uint32)
+        scale = 257 if values.max(initial=0) > 255 else 1
+        image = Image.fromarray((values // scale).clip(0, 255).astype(np.uint8), mode="L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        image.mode == "P" and "transparency" in image.info
+    )
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Decode a photo fully, apply its EXIF orientation and return it as RGB.
+
+    Returns:
+        uint8 array of shape (height, width, 3).
+
+    Raises:
+        UnreadableImageError: the file is missing, empty, cut short or not an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            rgb = to_rgb(image)
+    except FileNotFoundError:
+        raise UnreadableImageError(f"photo not found: {path}") from None
+    except IsADirectoryError:
+        raise UnreadableImageError(f"expected a photo file but got a folder: {path}") from None
+    except _DECODE_ERRORS as err:
+        reason = str(err).strip() or type(err).__name__
+        raise UnreadableImageError(
+            f"cannot decode {path} as a photo ({reason}); replace or remove the file"
+        ) from err
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an RGB array to size x size with bilinear interpolation (antialiased when shrinking).
+
+    The aspect ratio is not kept: aligned face photos are close to square.
+    """
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    resized = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def load_photo(path: str | Path, size: int) -> np.ndarray:
+    """Load a photo as a size x size x 3 uint8 RGB array, the form every model takes."""
+    return resize_rgb(load_rgb(path), size)
