@@ -120,9 +120,31 @@ def setup_logging(debug: bool = False) -> None:
 
 
 def quiet_tensorflow() -> None:
-    """Silence TensorFlow's start-up banner; call before TensorFlow is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    """Import TensorFlow with its start-up banner silenced; call before anything imports it.
+
+    TensorFlow's C++ side prints CUDA probes and oneDNN notices to stderr, some of them before
+    its own log level applies, and none that a user can act on. ``TF_CPP_MIN_LOG_LEVEL`` is only
+    set when the user has not set it, so ``TF_CPP_MIN_LOG_LEVEL=0`` brings the messages back.
+    """
+    if "tensorflow" in sys.modules:
+        return
+    user_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if user_level is not None:
+        import tensorflow  # noqa: F401
+        return
+
+    # The absl messages written before logging is initialised ignore TF_CPP_MIN_LOG_LEVEL, so
+    # stderr itself is pointed at /dev/null for the duration of the import.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Score photos with a granja's trained recogniser and print the scores of every class as JSON.
+
+Everything the model needs (class names, input size, preprocessing) comes from models/<granja>/.
+Stdout carries only JSON, so it can be piped; logs go to stderr. Example:
+
+    python testing.py --granja dogs42 --img photo.jpg
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from utils import cli
+
+cli.quiet_tensorflow()
+
+logger = logging.getLogger("testing")
+
+# Photos scored per forward pass when --img names several photos or a folder.
+BATCH_SIZE = 32
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("-ng", "--granja", required=True, type=cli.granja_name,
+                        help="granja whose model scores the photos (models/<granja>/)")
+    parser.add_argument("-img", "--img", required=True, nargs="+", type=Path, metavar="PATH",
+                        help="photo files or folders of photos; with more than one photo the JSON maps each "
+                             "path to its scores")
+    parser.add_argument("--top-k", type=cli.positive_int, default=None, metavar="K",
+                        help="keep only the K best classes of each photo (default: every class)")
+    cli.add_root_flags(parser, dataset=False, logs=False)
+    cli.add_debug_flag(parser)
+    return parser
+
+
+def expand_photos(paths: Sequence[Path]) -> list[Path]:
+    """Expand folders into their photos (recursively, sorted) and check that every path exists."""
+    from utils.errors import UserError
+    from utils.images import is_junk_name, is_photo_name
+
+    photos = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_photo_name(p.name)
+                           and not any(is_junk_name(part) for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"no photos in folder {path}; photos are jpg, jpeg, png, bmp or webp files")
+            photos.extend(found)
+        elif path.exists():
+            photos.append(path)
+        else:
+            raise UserError(f"--img not found: {path}; give a photo file or a folder of photos")
+    return photos
+
+
+def score_photos(model, photos: Sequence[Path], input_size: int):
+    """Decode all photos, then score them in batches; returns float32 probabilities, one row per photo."""
+    import numpy as np
+
+    from utils.images import load_photo
+
+    # Decoding first means a broken file stops the run before any model work.
+    images = np.stack([load_photo(path, input_size) for path in photos])
+    batches = [model(images[start:start + BATCH_SIZE], training=False)
+               for start in range(0, len(images), BATCH_SIZE)]
+    return np.concatenate([np.asarray(batch) for batch in batches]).astype(np.float32)
+
+
+def ranked_scores(probabilities, class_names: Sequence[str], top_k: int | None) -> dict[str, float]:
+    """Map class names to scores, best first, keeping the best ``top_k`` when it is set."""
+    order = sorted(range(len(class_names)), key=lambda index: -float(probabilities[index]))
+    if top_k is not None:
+        order = order[:top_k]
+    return {class_names[index]: round(float(probabilities[index]), 6) for index in order}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.debug)
+    photos = expand_photos(args.img)
+
+    from utils.artifacts import load_trained
+
+    trained = load_trained(args.models_dir, args.granja)
+    probabilities = score_photos(trained.model, photos, trained.input_size)
+    results = {str(path): ranked_scores(row, trained.class_names, args.top_k)
+               for path, row in zip(photos, probabilities)}
+    single = len(args.img) == 1 and len(photos) == 1 and not args.img[0].is_dir()
+    output = next(iter(results.values())) if single else results
+    print(json.dumps(output, indent=2, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

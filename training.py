@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Train a granja's face recogniser by transfer learning from a pretrained backbone.
+
+Photos come from dataset/<granja>/<class>/; the model and its files go to models/<granja>/;
+TensorBoard logs, the classification report, the confusion matrix and learning curves go to
+logs/<granja>/<YYYYmmdd-HHMMSS>/. Example:
+
+    python training.py -ng dogs42 -m mobilenetv2 --weights imagenet -e 20 -bs 32
+"""
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from utils import cli
+
+cli.quiet_tensorflow()
+
+from utils.augment import AugmentConfig  # noqa: E402
+from utils.backbones import BACKBONES, WEIGHTS_CHOICES_HELP  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.head import DEFAULT_HIDDEN, POOLINGS, parse_freeze  # noqa: E402
+
+
+def _positive_list(text: str, kind=int) -> tuple:
+    """Parse a comma-separated list of positive numbers, for argparse."""
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers (got {text!r})") from None
+    if not values or any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive numbers (got {text!r})")
+    return values
+
+
+def _hidden_units(text: str) -> tuple[int, ...]:
+    return _positive_list(text, int)
+
+
+def _range_pair(text: str) -> tuple[float, float]:
+    values = _positive_list(text, float)
+    if len(values) != 2 or values[0] > values[1]:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX with 0 < MIN <= MAX (got {text!r})")
+    return values
+
+
+def _model_help() -> str:
+    lines = [f"{name}: {spec.description}, input at least {spec.min_input_size} px, default weights "
+             f"{spec.default_weights}, pooling {spec.default_pooling}" for name, spec in BACKBONES.items()]
+    return "backbone. " + "; ".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the command-line parser, grouped by concern."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("-ng", "--granja", required=True, type=cli.granja_name,
+                      help="granja name: the folder dataset/<granja>/ with one sub-folder of photos per class")
+    data.add_argument("--val-fraction", type=cli.open_fraction, default=0.15, metavar="F",
+                      help="share of each class's photos used for validation (early stopping, best epoch)")
+    data.add_argument("--test-fraction", type=cli.open_fraction, default=0.15, metavar="F",
+                      help="share of each class's photos held out for the final test report")
+    data.add_argument("--seed", type=int, default=42, help="seed of the split, the shuffling and the weights")
+    data.add_argument("--min-images", type=cli.positive_int, default=None, metavar="N",
+                      help="drop classes with fewer than N photos instead of stopping (at least 3 are needed)")
+    data.add_argument("--dedup-threshold", type=cli.unit_interval, default=None, metavar="T",
+                      help="keep photos whose SSIM exceeds T (near-duplicates) on one side of the split")
+    cli.add_root_flags(parser)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("-m", "--model", default="vgg16", choices=list(BACKBONES), help=_model_help())
+    model.add_argument("--weights", default=None, metavar="SOURCE",
+                       help=f"backbone weights: {WEIGHTS_CHOICES_HELP}; default: the backbone's own "
+                            "(vggface for vgg16/resnet50/senet50, imagenet for the others)")
+    model.add_argument("--include-top", action="store_true",
+                       help="VGGFace only: keep the original dense layers (fc6, fc7 for vgg16; the pooled "
+                            "2,048 values for resnet50/senet50); needs --input-size 224")
+    model.add_argument("--input-size", type=cli.positive_int, default=224, metavar="PX",
+                       help="side of the square input in pixels")
+    model.add_argument("--pooling", choices=POOLINGS, default=None,
+                       help="pooling of the backbone's feature map; default flatten for vgg16, avg otherwise")
+    model.add_argument("--hidden", type=_hidden_units, default=DEFAULT_HIDDEN, metavar="UNITS",
+                       help="units of the dense head layers fc1, fc2, ..., comma-separated")
+    model.add_argument("--dropout", type=cli.open_fraction, default=0.0, metavar="RATE",
+                       help="dropout rate after each dense head layer (0 turns it off)")
+    model.add_argument("--freeze", default="-4", metavar="N",
+                       help="freeze policy over the layers that hold weights: N > 0 freezes the first N, "
+                            "N < 0 all but the last |N|, 0 or 'none' nothing; -4 trains only the head")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("-e", "--epochs", type=cli.positive_int, default=20, help="maximum number of epochs")
+    training.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=cli.positive_int,
+                          default=32, help="photos per batch")
+    training.add_argument("--lr", type=cli.positive_float, default=1e-3, help="Adam learning rate")
+    training.add_argument("--patience", type=cli.positive_int, default=5,
+                          help="epochs without a lower validation loss before early stopping")
+
+    augment = parser.add_argument_group("augmentation (training split only)")
+    defaults = AugmentConfig()
+    augment.add_argument("--rotation", type=float, default=defaults.rotation, metavar="DEG",
+                         help="maximum random rotation in degrees (0 turns it off)")
+    augment.add_argument("--shift", type=cli.open_fraction, default=defaults.shift, metavar="F",
+                         help="maximum random shift as a fraction of height and width (0 turns it off)")
+    augment.add_argument("--no-flip", action="store_true", help="turn off random horizontal flips")
+    augment.add_argument("--zoom", type=_range_pair, default=defaults.zoom, metavar="MIN,MAX",
+                         help="range of the visible field's scale: below 1 zooms in, above 1 out")
+    augment.add_argument("--brightness", type=_range_pair, default=defaults.brightness, metavar="MIN,MAX",
+                         help="range of the factor pixel values are multiplied by")
+    augment.add_argument("--no-augment", action="store_true", help="turn every augmentation off")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--quiet", action="store_true", help="print one line per epoch instead of a progress bar")
+    cli.add_debug_flag(output)
+    return parser
+
+
+def options_from_args(args: argparse.Namespace):
+    """Check flag combinations and turn the parsed flags into TrainOptions."""
+    from utils.training import TrainOptions
+
+    if args.val_fraction <= 0 or args.test_fraction <= 0 or args.val_fraction + args.test_fraction >= 1:
+        raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
+                        "above 0 and add up to less than 1, leaving photos to train on")
+    if not 0 <= args.rotation <= 180:
+        raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")
+    augment = AugmentConfig.off() if args.no_augment else AugmentConfig(
+        rotation=args.rotation, shift=args.shift, flip=not args.no_flip, zoom=tuple(args.zoom),
+        brightness=tuple(args.brightness))
+    return TrainOptions(
+        granja=args.granja, model=args.model, dataset_dir=args.dataset_dir, models_dir=args.models_dir,
+        logs_dir=args.logs_dir, weights=args.weights, include_top=args.include_top, input_size=args.input_size,
+        pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+        hidden=tuple(args.hidden), dropout=args.dropout, freeze=parse_freeze(args.freeze),
+        val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        min_images=args.min_images, dedup_threshold=args.dedup_threshold, augment=augment,
+        verbose=2 if args.quiet else 1,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cli.setup_logging(args.debug)
+    options = options_from_args(args)
+
+    from utils.training import train
+
+    train(options)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

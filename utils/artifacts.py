@@ -1,0 +1,209 @@
+"""The files a trained granja keeps in ``models/<granja>/``, written atomically and read back checked.
+
+- ``model.keras``: the full network, RGB photo in, class probabilities out.
+- ``labels.json``: class name -> index, as the original project wrote it.
+- ``training.json``: backbone, weights, input size, preprocessing, pooling, class names in index
+  order, split sizes, hyper-parameters, metrics and library versions, with a format version.
+- ``split.json``: which photo went to train, validation and test.
+
+A training run writes all four into a staging folder and then swaps whole folders, so a crash
+leaves either the previous set or the new one, never a mix.
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+LABELS_FILE = "labels.json"
+TRAINING_FILE = "training.json"
+SPLIT_FILE = "split.json"
+CACHE_FOLDER = "cache"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, data: Any, *, sort_keys: bool = True) -> None:
+    """Write indented UTF-8 JSON atomically; names with accents stay readable (no ASCII escapes)."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def save_model_atomic(model, path: Path) -> None:
+    """Save a Keras model to a temporary ``.keras`` file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
+    os.close(handle)
+    try:
+        model.save(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def granja_folder(models_dir: Path, granja: str) -> Path:
+    """Return ``models/<granja>/``, restoring the previous set if a swap was cut short."""
+    folder = models_dir / granja
+    previous = _previous_folder(folder)
+    if not folder.exists() and previous.exists():
+        logger.warning("restoring %s from %s, left by an interrupted save", folder, previous)
+        os.replace(previous, folder)
+    return folder
+
+
+def _previous_folder(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.previous")
+
+
+def staging_folder(models_dir: Path, granja: str) -> Path:
+    """Create an empty staging folder for a new set of files, beside ``models/<granja>/``."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = models_dir / f".{granja}.staging"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, folder: Path) -> None:
+    """Replace ``folder`` by ``staging`` with two renames; the feature cache moves to the new folder.
+
+    A crash between the two renames leaves only ``.<granja>.previous``, which ``granja_folder``
+    renames back, so readers always find a complete set.
+    """
+    if not folder.exists():
+        os.replace(staging, folder)
+        return
+    old_cache = folder / CACHE_FOLDER
+    if old_cache.exists() and not (staging / CACHE_FOLDER).exists():
+        os.replace(old_cache, staging / CACHE_FOLDER)
+    previous = _previous_folder(folder)
+    if previous.exists():
+        shutil.rmtree(previous)
+    os.replace(folder, previous)
+    os.replace(staging, folder)
+    shutil.rmtree(previous)
+
+
+@contextmanager
+def granja_lock(models_dir: Path, granja: str):
+    """Hold an exclusive lock on a granja's model folder for the duration of a training run.
+
+    Raises:
+        UserError: another process holds the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    models_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = models_dir / f".{granja}.lock"
+    lock = FileLock(lock_path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"another training of granja {granja!r} is running (lock {lock_path} is held); "
+                        "wait for it to finish, or delete the lock file if no training is running") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@dataclass
+class TrainedGranja:
+    """A trained granja read back from ``models/<granja>/``."""
+
+    folder: Path
+    metadata: dict
+    class_names: list[str]
+    model: Any = None
+
+    @property
+    def input_size(self) -> int:
+        return int(self.metadata["input_size"])
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Read a JSON file, raising UserError naming it when it is missing or broken."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}; train the granja first with training.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err}); retrain the granja") from err
+
+
+def load_trained(models_dir: Path, granja: str, *, load_model: bool = True) -> TrainedGranja:
+    """Read a trained granja and check that its files agree with each other.
+
+    Raises:
+        UserError: a file is missing or broken, or the files disagree (class count, format version).
+    """
+    folder = granja_folder(models_dir, granja)
+    if not folder.is_dir():
+        raise UserError(f"no trained model for granja {granja!r}: {folder} not found; train it with "
+                        f"'python training.py -ng {granja}' or pass --models-dir")
+    metadata = read_json(folder / TRAINING_FILE, "training record")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{folder / TRAINING_FILE} has format version {version!r}, but this version of the "
+                        f"suite reads version {FORMAT_VERSION}; retrain the granja")
+    class_names = list(metadata["class_names"])
+    labels = read_json(folder / LABELS_FILE, "labels file")
+    if sorted(labels, key=labels.get) != class_names:
+        raise UserError(f"{folder / LABELS_FILE} lists {len(labels)} classes but {folder / TRAINING_FILE} "
+                        f"lists {len(class_names)} in another order or with other names; retrain the granja")
+    trained = TrainedGranja(folder=folder, metadata=metadata, class_names=class_names)
+
+    if load_model:
+        trained.model = load_keras_model(folder / MODEL_FILE)
+        outputs = trained.model.output_shape[-1]
+        if outputs != len(class_names):
+            raise UserError(f"{folder / MODEL_FILE} scores {outputs} classes but {folder / LABELS_FILE} "
+                            f"lists {len(class_names)}; retrain the granja or restore its files together")
+    return trained
+
+
+def load_keras_model(path: Path):
+    """Load a saved ``.keras`` model without compiling it (inference needs no optimizer)."""
+    import keras
+
+    # Importing these registers the custom layers that saved models refer to.
+    import utils.augment  # noqa: F401
+    import utils.preprocessing  # noqa: F401
+
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}; train the granja first with training.py")
+    try:
+        return keras.models.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"cannot load the model {path} ({reason}); retrain the granja") from err
