@@ -26,7 +26,7 @@ BATCH_SIZE = 32
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("-ng", "--granja", required=True, type=cli.granja_name,
                         help="granja whose model scores the photos (models/<granja>/)")
     parser.add_argument("-img", "--img", required=True, nargs="+", type=Path, metavar="PATH",

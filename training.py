@@ -52,7 +52,7 @@ def _model_help() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser, grouped by concern."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
 
     data = parser.add_argument_group("data")
     data.add_argument("-ng", "--granja", required=True, type=cli.granja_name,

@@ -1,13 +1,10 @@
 """Shared pytest fixtures: the repository root, the read-only shared data, and tiny photo folders."""
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -36,7 +36,7 @@ DEMO_MIN_PHOTOS = 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="", help="a granja folder to train on (default: download the demo set)")
     parser.add_argument("--weights", default="", help="a local MobileNetV2 weights file (default: ImageNet download)")
     parser.add_argument("--epochs", type=cli.positive_int, default=20, help="maximum number of epochs")

@@ -19,6 +19,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """Show defaults in the help and keep the description's line breaks."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line on stderr with exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {message}; see '{self.prog} --help'\n")
+
+
 def positive_int(text: str) -> int:
     """Parse a whole number greater than zero, for argparse."""
     try:
@@ -124,13 +135,13 @@ def quiet_tensorflow() -> None:
 
     TensorFlow's C++ side prints CUDA probes and oneDNN notices to stderr, some of them before
     its own log level applies, and none that a user can act on. ``TF_CPP_MIN_LOG_LEVEL`` is only
-    set when the user has not set it, so ``TF_CPP_MIN_LOG_LEVEL=0`` brings the messages back.
+    set when the user has not set it, and ``TF_CPP_MIN_LOG_LEVEL=0`` or ``1`` brings the messages back.
     """
     if "tensorflow" in sys.modules:
         return
-    user_level = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    verbose = os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("0", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if user_level is not None:
+    if verbose:
         import tensorflow  # noqa: F401
         return
 

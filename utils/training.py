@@ -234,7 +234,7 @@ def train(options: TrainOptions) -> dict:
         started = time.monotonic()
         try:
             history = model.fit(train_data, validation_data=val_data, epochs=options.epochs,
-                                callbacks=callbacks, verbose=options.verbose)
+                                callbacks=callbacks, verbose=options.verbose, shuffle=False)
         except KeyboardInterrupt:
             logger.error("training interrupted: the previous model in %s is kept",
                          options.models_dir / options.granja)
