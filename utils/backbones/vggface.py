@@ -317,7 +317,7 @@ def _network_from_file(arch: str, include_top: bool, shape: tuple[int, int, int]
         network = build_vggface(arch, False, shape)
         for layer in _weighted_layers(network):
             layer.set_weights(top_network.get_layer(layer.name).get_weights())
-        logger.info("took the %d convolutional layers of %s", len(_weighted_layers(network)), path)
+        logger.info("copied the %d layers with weights below the top from %s", len(_weighted_layers(network)), path)
         return network
 
     network = build_vggface(arch, include_top, shape)
