@@ -188,12 +188,13 @@ def test_ssim_matches_skimage_across_photo_modes(tmp_path, mode, shape, suffix):
 
     gray = dedup.to_gray(load_rgb(path))
 
-    assert gray.shape == (224, 224) and gray.dtype == np.uint8
+    assert gray.shape == (224, 224)
+    assert gray.dtype == np.uint8
     assert abs(dedup.ssim(gray, reference) - skimage_ssim(gray, reference)) < TOLERANCE
     assert abs(dedup.ssim(gray, gray) - 1.0) < TOLERANCE
 
 
-def test_to_gray_matches_opencv_bgr_to_gray_then_resize():
+def test_to_gray_matches_opencv():
     rgb = smooth_texture(5, size=150)
     expected = cv2.resize(cv2.cvtColor(rgb[:, :, ::-1].copy(), cv2.COLOR_BGR2GRAY), (224, 224))
 
@@ -280,7 +281,7 @@ def test_flag_duplicates_reports_best_kept_match():
 
 
 def test_flag_duplicates_ignores_flagged_and_equal_scores():
-    # Photo 2 matches only photo 1, which is itself flagged, so photo 2 is kept; a score equal
+    # Photo 2 matches only photo 1, which is itself flagged, so photo 2 is kept. A score equal
     # to the threshold is not above it.
     pairs = np.array([[0, 1], [1, 2], [0, 3]])
     scores = np.array([0.98, 0.98, THRESHOLD])
@@ -357,7 +358,7 @@ def test_search_without_bound_gives_same_pairs(injected_folder):
     assert with_bound.pairs_skipped > 0
 
 
-def test_search_with_worker_processes_matches_one_process(tmp_path, monkeypatch):
+def test_worker_processes_match_one_process(tmp_path, monkeypatch):
     # Force every stage into worker processes and several tiles, which small inputs would skip.
     monkeypatch.setattr(dedup_search, "MIN_PARALLEL_PHOTOS", 0)
     monkeypatch.setattr(dedup_search, "MIN_PARALLEL_PAIRS", 0)
