@@ -11,7 +11,8 @@ from skimage.metrics import structural_similarity
 
 from conftest import shared_path, write_photo
 from utils import dedup, dedup_search
-from utils.dedup_search import find_similar_pairs, group_near_duplicates
+from utils.dedup import group_near_duplicates
+from utils.dedup_search import find_similar_pairs
 from utils.images import UnreadableImageError, load_rgb
 
 TOLERANCE = 1e-6

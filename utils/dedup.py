@@ -1,4 +1,4 @@
-"""Near-duplicate photos by the structural similarity index (SSIM): pure functions, arrays in.
+"""Near-duplicate photos by the structural similarity index (SSIM), mostly pure functions on arrays.
 
 The SSIM here is the value of ``skimage.metrics.structural_similarity(a, b)`` with its defaults
 (scikit-image 0.26: 7x7 uniform window, K1 = 0.01, K2 = 0.03, data range 255 for uint8, sample
@@ -16,6 +16,9 @@ The work is split so that a search over many photos does each step once:
   threshold cannot pass it, so it is skipped.
 * ``flag_duplicates`` and ``connected_components``: the decisions, from the pairs above the
   threshold.
+* ``group_near_duplicates``: near-duplicate groups of photo files for leak-free training
+  splits, the one function here that reads files. ``split_groups`` assigns whole groups to
+  splits.
 
 References:
     Wang, Z., Bovik, A. C., Sheikh, H. R. and Simoncelli, E. P. (2004). Image quality
@@ -27,6 +30,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import cv2
@@ -188,11 +192,17 @@ def ssim_pairs(
     scratch = np.empty(windows, dtype=np.float64)
     cross = cross_full[_MARGIN:-_MARGIN, _MARGIN:-_MARGIN]
 
+    current = -1
     for k, (i, j) in enumerate(pairs.tolist()):
         x, y = pixels[i], pixels[j]
         if x.shape != shape or y.shape != shape:
             raise ValueError(f"photos {i} and {j} differ in shape ({x.shape} and {y.shape}); use one size")
         sx, sy = stats[i], stats[j]
+        if i != current:
+            # The first photo's share of both denominator terms, reused while it stays the same.
+            luminance_base = sx.squared_sums + _C1_SUMS
+            structure_base = sx.scaled_variances + _C2_SUMS
+            current = i
 
         # Sxy: window sums of the pixel product, exact (49 * 255 * 255 < 2**31).
         cv2.multiply(x, y, dst=product, dtype=cv2.CV_16U)
@@ -208,10 +218,8 @@ def ssim_pairs(
         numerator *= scratch
 
         # Denominator terms: Sx^2 + Sy^2 + n^2*C1 and the two scaled variances + n*(n-1)*C2.
-        np.add(sx.squared_sums, sy.squared_sums, out=int_a)
-        np.add(int_a, _C1_SUMS, out=denominator)
-        np.add(sx.scaled_variances, sy.scaled_variances, out=int_a)
-        np.add(int_a, _C2_SUMS, out=scratch)
+        np.add(sy.squared_sums, luminance_base, out=denominator)
+        np.add(sy.scaled_variances, structure_base, out=scratch)
         denominator *= scratch
 
         numerator /= denominator
@@ -395,6 +403,43 @@ def connected_components(count: int, pairs: np.ndarray) -> list[int]:
 
     labels: dict[int, int] = {}
     return [labels.setdefault(root(i), len(labels)) for i in range(count)]
+
+
+def group_near_duplicates(
+    paths: Sequence[Path],
+    threshold: float,
+    *,
+    size: int = DEFAULT_SIZE,
+    workers: int | None = None,
+) -> list[int]:
+    """Label photos so that photos joined by a chain of pairs with SSIM above ``threshold`` share a label.
+
+    Meant for splitting one class into training, validation and test sets: keeping each label on
+    one side means no near-copy of a test photo is trained on. Labels are 0, 1, 2, ... in the
+    order of each group's first photo. Unlike the rest of this module it reads files, through
+    ``utils.dedup_search.find_similar_pairs``.
+
+    Args:
+        paths: photo files of one class; every pair among them is compared.
+        threshold: SSIM above which two photos are joined, in [0, 1].
+        size: side of the square grayscale images compared, at least 7.
+        workers: number of processes; None uses every core. Small classes run in the calling
+            process whatever this is.
+
+    Returns:
+        One label per path.
+
+    Raises:
+        UnreadableImageError: a photo does not decode; the message names the first one.
+    """
+    # Imported here because utils.dedup_search imports this module.
+    from utils.dedup_search import find_similar_pairs
+    from utils.images import UnreadableImageError
+
+    result = find_similar_pairs(paths, threshold, size=size, workers=workers)
+    if result.unreadable:
+        raise UnreadableImageError(result.unreadable[min(result.unreadable)])
+    return connected_components(len(paths), result.pairs)
 
 
 def split_groups(group_ids: Sequence[int], fractions: Sequence[float], *, seed: int = 0) -> list[int]:

@@ -227,38 +227,6 @@ def find_similar_pairs(
     )
 
 
-def group_near_duplicates(
-    paths: Sequence[Path],
-    threshold: float,
-    *,
-    size: int = dedup.DEFAULT_SIZE,
-    workers: int | None = None,
-) -> list[int]:
-    """Label photos so that photos joined by a chain of pairs with SSIM above ``threshold`` share a label.
-
-    Meant for splitting one class into training, validation and test sets: keeping each label on
-    one side means no near-copy of a test photo is trained on. Labels are 0, 1, 2, ... in the
-    order of each group's first photo.
-
-    Args:
-        paths: photo files of one class; every pair among them is compared.
-        threshold: SSIM above which two photos are joined, in [0, 1].
-        size: side of the square grayscale images compared, at least 7.
-        workers: number of processes; None uses every core.
-
-    Returns:
-        One label per path.
-
-    Raises:
-        UnreadableImageError: a photo does not decode; the message names the first one.
-    """
-    result = find_similar_pairs(paths, threshold, size=size, workers=workers)
-    if result.unreadable:
-        index = min(result.unreadable)
-        raise UnreadableImageError(result.unreadable[index])
-    return dedup.connected_components(len(paths), result.pairs)
-
-
 def _scope_groups(
     paths: Sequence[Path], scope_keys: Sequence[Hashable] | None, decoded: set[int]
 ) -> list[np.ndarray]:
@@ -288,11 +256,11 @@ def _sorted_pairs(blocks: Sequence[np.ndarray]) -> np.ndarray:
 
 
 # --- Worker processes ---------------------------------------------------------------------------
-# Each stage starts its own pool and hands the workers what they need through the pool
-# initializer, pickled once per worker; workers keep it in the module-level dict _state.
-# Workers come from a fork server where there is one (Linux, macOS): forking the calling
-# process is unsafe once it runs threads, as a training script with TensorFlow does, while a
-# fork server that has imported this module starts workers in milliseconds.
+# Each stage starts its own pool with the platform's default start method and hands the workers
+# what they need through the pool initializer; workers keep it in the module-level dict _state.
+# Under "fork" (the Linux default up to Python 3.13) the initializer's arguments are inherited
+# without copying. "spawn" and "forkserver" pickle them once per worker and also re-run the
+# calling script's imports in each worker, which is slow for a script that imports TensorFlow.
 
 _state: dict[str, object] = {}
 
@@ -346,16 +314,8 @@ def _run_stage(
 
     processes = min(workers, len(tasks))
     chunks = max(1, min(16, len(tasks) // (processes * 4)))
-    with _context().Pool(processes, initializer=_init_worker, initargs=(state,)) as pool:
+    with multiprocessing.get_context().Pool(processes, initializer=_init_worker, initargs=(state,)) as pool:
         yield from pool.imap_unordered(function, tasks, chunksize=chunks)
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context()
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return context
 
 
 def _decode_task(task: tuple[int, str]) -> tuple[int, np.ndarray | None, np.ndarray | None, str]:
