@@ -85,10 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cli.setup_logging(args.debug)
     photos = expand_photos(args.img)
 
+    import numpy as np
+
     from utils.artifacts import load_trained
+    from utils.errors import UserError
 
     trained = load_trained(args.models_dir, args.granja)
     probabilities = score_photos(trained.model, photos, trained.input_size)
+    if not np.isfinite(probabilities).all():
+        raise UserError(f"the model in {trained.folder} returns scores that are not finite (NaN); retrain the "
+                        "granja with a lower --lr or another weights file")
     results = {str(path): ranked_scores(row, trained.class_names, args.top_k)
                for path, row in zip(photos, probabilities)}
     single = len(args.img) == 1 and len(photos) == 1 and not args.img[0].is_dir()

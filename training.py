@@ -20,6 +20,7 @@ from utils.augment import AugmentConfig  # noqa: E402
 from utils.backbones import BACKBONES, WEIGHTS_CHOICES_HELP  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.head import DEFAULT_HIDDEN, POOLINGS, parse_freeze  # noqa: E402
+from utils.training import DEFAULT_VIEWS  # noqa: E402
 
 
 def _positive_list(text: str, kind=int) -> tuple:
@@ -84,15 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="units of the dense head layers fc1, fc2, ..., comma-separated")
     model.add_argument("--dropout", type=cli.open_fraction, default=0.0, metavar="RATE",
                        help="dropout rate after each dense head layer (0 turns it off)")
-    model.add_argument("--freeze", default="-4", metavar="N",
+    model.add_argument("--freeze", default=None, metavar="N",
                        help="freeze policy over the layers that hold weights: N > 0 freezes the first N, "
-                            "N < 0 all but the last |N|, 0 or 'none' nothing; -4 trains only the head")
+                            "N < 0 all but the last |N|, 0 or 'none' nothing; default: minus the number of "
+                            "head layers (-4 with the default --hidden), so only the head trains")
 
     training = parser.add_argument_group("training")
     training.add_argument("-e", "--epochs", type=cli.positive_int, default=20, help="maximum number of epochs")
     training.add_argument("-bs", "--batch_size", "--batch-size", dest="batch_size", type=cli.positive_int,
                           default=32, help="photos per batch")
     training.add_argument("--lr", type=cli.positive_float, default=1e-3, help="Adam learning rate")
+    training.add_argument("--no-cache", action="store_true",
+                          help="always run the full network every epoch, even when only the head trains")
+    training.add_argument("--views", type=cli.positive_int, default=DEFAULT_VIEWS, metavar="K",
+                          help="augmented views of each training photo whose backbone features are cached "
+                               "when only the head trains; one view is drawn per photo and epoch")
+    training.add_argument("--strategy", choices=("none", "mirrored", "multiworker"), default="none",
+                          help="tf.distribute strategy: mirrored uses every visible GPU on this machine; "
+                               "multiworker spreads training over machines listed in TF_CONFIG")
     training.add_argument("--patience", type=cli.positive_int, default=5,
                           help="epochs without a lower validation loss before early stopping")
 
@@ -131,9 +141,11 @@ def options_from_args(args: argparse.Namespace):
         granja=args.granja, model=args.model, dataset_dir=args.dataset_dir, models_dir=args.models_dir,
         logs_dir=args.logs_dir, weights=args.weights, include_top=args.include_top, input_size=args.input_size,
         pooling=args.pooling, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-        hidden=tuple(args.hidden), dropout=args.dropout, freeze=parse_freeze(args.freeze),
+        hidden=tuple(args.hidden), dropout=args.dropout,
+        freeze=-(len(args.hidden) + 1) if args.freeze is None else parse_freeze(args.freeze),
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         min_images=args.min_images, dedup_threshold=args.dedup_threshold, augment=augment,
+        cache=not args.no_cache, views=args.views, strategy=args.strategy,
         verbose=2 if args.quiet else 1,
     )
 

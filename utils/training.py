@@ -2,20 +2,27 @@
 
 import json
 import logging
+import os
 import platform
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from utils import artifacts, reports
 from utils.augment import AugmentConfig
-from utils.data import SPLIT_NAMES, check_class_sizes, decode_photos, scan_granja, split_indices
+from utils.data import SPLIT_NAMES, GranjaScan, check_class_sizes, decode_photos, scan_granja, split_indices
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# Augmented views of each training photo on the cached-feature path: one is drawn per photo and
+# epoch. NOTE: provisional until measured in docs/benchmarks.md.
+DEFAULT_VIEWS = 4
 
 
 @dataclass
@@ -44,6 +51,10 @@ class TrainOptions:
     min_images: int | None = None
     dedup_threshold: float | None = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cache: bool = True
+    cache_dir: Path | None = None  # None: models/<granja>/cache/
+    strategy: str = "none"
+    views: int = DEFAULT_VIEWS
     verbose: int = 1
 
 
@@ -61,10 +72,10 @@ class PreparedData:
     dedup_groups: int | None = None
 
 
-def prepare_data(options: TrainOptions) -> PreparedData:
+def prepare_data(options: TrainOptions, scan: GranjaScan | None = None) -> PreparedData:
     """List, decode and split the granja's photos; every check here runs before the first epoch."""
     root = options.dataset_dir / options.granja
-    scan = scan_granja(root)
+    scan = scan or scan_granja(root)
     ignored = len(scan.junk) + len(scan.other_files)
     if ignored:
         examples = ", ".join(str(path.relative_to(root)) for path in [*scan.junk, *scan.other_files][:3])
@@ -177,18 +188,157 @@ def options_record(options: TrainOptions) -> dict:
     return record
 
 
+class SaveBestModel(keras.callbacks.Callback):
+    """Save a given model atomically whenever val_loss reaches a new minimum.
+
+    Keras's ModelCheckpoint saves the model being fitted; on the cached-feature path that is only
+    the head, while the checkpoint must hold the full network.
+    """
+
+    def __init__(self, model_to_save: keras.Model, path: Path):
+        super().__init__()
+        self.model_to_save = model_to_save
+        self.path = path
+        self.best = float("inf")
+
+    def on_train_begin(self, logs=None):
+        self.best = float("inf")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = (logs or {}).get("val_loss")
+        if loss is not None and loss < self.best:
+            self.best = loss
+            artifacts.save_model_atomic(self.model_to_save, self.path)
+
+
+def _callbacks(options: TrainOptions, model, run_folder: Path, checkpoint: Path) -> list:
+    return [
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
+                                      restore_best_weights=True, verbose=1),
+        SaveBestModel(model, checkpoint),
+        keras.callbacks.TensorBoard(log_dir=str(run_folder), update_freq="batch", write_graph=True),
+        keras.callbacks.CSVLogger(str(run_folder / "epochs.csv")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+
+
+def _compile(model, options: TrainOptions) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(options.lr), loss="categorical_crossentropy",
+                  metrics=["accuracy"])
+
+
+def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
+               checkpoint: Path, cache_key: dict):
+    """Fit the whole model on augmented photos; returns the history and test probabilities."""
+    from utils.pipeline import make_dataset
+
+    num_classes = len(data.class_names)
+    train_split, val_split, test_split = (data.split[name] for name in SPLIT_NAMES)
+    train_data = make_dataset(data.images[train_split], data.labels[train_split], num_classes,
+                              options.batch_size, shuffle=True, augment=options.augment, seed=options.seed)
+    val_data = make_dataset(data.images[val_split], data.labels[val_split], num_classes, options.batch_size)
+    _compile(model, options)
+    history = model.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
+                        callbacks=_callbacks(options, model, run_folder, checkpoint), verbose=options.verbose)
+
+    # EarlyStopping restored the best epoch's weights; the test split is used only here.
+    test_data = make_dataset(data.images[test_split], data.labels[test_split], num_classes, options.batch_size)
+    return history, model.predict(test_data, verbose=0), {}
+
+
+def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
+                     checkpoint: Path, cache_key: dict):
+    """Fit only the head on cached backbone features; returns the history and test probabilities."""
+    from utils.features import (FeatureCache, cached_features, feature_dataset, photo_digest, split_at_head,
+                                view_dataset, weights_identity)
+
+    extractor, head = split_at_head(model)
+    cache_root = options.cache_dir or options.models_dir / options.granja / artifacts.CACHE_FOLDER
+    cache = FeatureCache(cache_root, {**cache_key, "weights": weights_identity(weights)})
+    digests = [photo_digest(path) for path in data.paths]
+
+    num_classes = len(data.class_names)
+    train_split, val_split, test_split = (data.split[name] for name in SPLIT_NAMES)
+    started = time.monotonic()
+    augment = options.augment if options.augment.enabled else None
+    views = options.views if augment is not None else 1
+
+    def features(indices, **kwargs):
+        return cached_features(cache, [digests[index] for index in indices], extractor, data.images[indices],
+                               options.batch_size, **kwargs)
+
+    train_features = features(train_split, augment=augment, views=views, seed=options.seed)
+    if augment is None:
+        train_features = train_features[:, None, :]
+    val_features = features(val_split)
+    test_features = features(test_split)
+    logger.info("backbone features: %d entries read from the cache, %d computed, in %.1f s (%s)",
+                cache.hits, cache.misses, time.monotonic() - started, cache.folder)
+
+    train_data = view_dataset(train_features, data.labels[train_split], num_classes, options.batch_size,
+                              seed=options.seed)
+    val_data = feature_dataset(val_features, data.labels[val_split], num_classes, options.batch_size)
+    _compile(head, options)
+    history = head.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
+                       callbacks=_callbacks(options, model, run_folder, checkpoint), verbose=options.verbose)
+    test_data = feature_dataset(test_features, data.labels[test_split], num_classes, options.batch_size)
+    counts = {"features_read": cache.hits, "features_computed": cache.misses}
+    return history, head.predict(test_data, verbose=0), counts
+
+
+def distribution_scope(name: str):
+    """Return the scope that variables are created in: a tf.distribute strategy's, or a no-op.
+
+    ``mirrored`` replicates the model on every visible GPU, or on every logical CPU device when
+    there is no GPU (tests configure several). ``multiworker`` reads the cluster from the standard
+    ``TF_CONFIG`` environment variable.
+    """
+    import contextlib
+
+    import tensorflow as tf
+
+    if name == "none":
+        return contextlib.nullcontext()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
+    elif name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise UserError("--strategy multiworker needs the TF_CONFIG environment variable describing the "
+                            "cluster and this worker's task; see the README section on several machines")
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        raise UserError(f"--strategy must be one of none, mirrored, multiworker (got {name!r})")
+    logger.info("training with %s on %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    return strategy.scope()
+
+
+def is_chief() -> bool:
+    """Return True unless TF_CONFIG names this process as a non-chief worker of a cluster."""
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"TF_CONFIG is not valid JSON ({err}); fix the environment variable") from err
+    task = config.get("task", {})
+    cluster = config.get("cluster", {})
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    return "chief" not in cluster and task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
 def train(options: TrainOptions) -> dict:
     """Train a granja's recogniser and save its files; returns the test metrics.
 
     Raises:
         UserError: bad data, flags or weights, found before the first epoch.
     """
-    import keras
     import tensorflow as tf
 
     from utils.backbones import build_backbone, get_spec, resolve_weights
+    from utils.features import head_is_only_trainable
     from utils.head import apply_freeze, build_classifier
-    from utils.pipeline import make_dataset
 
     spec = get_spec(options.model)
     weights = resolve_weights(spec, options.weights)
@@ -197,55 +347,54 @@ def train(options: TrainOptions) -> dict:
         raise UserError(f"--input-size {options.input_size} is too small for {spec.name}; "
                         f"use at least {spec.min_input_size}")
 
+    if options.strategy == "multiworker" and not is_chief():
+        # Every worker runs the same program; only the chief writes the granja's files and logs.
+        scratch = Path(tempfile.mkdtemp(prefix="granja-worker-"))
+        logger.info("non-chief worker: writing models and logs under %s", scratch)
+        options = replace(options, models_dir=scratch / "models", logs_dir=scratch / "logs")
+
     with artifacts.granja_lock(options.models_dir, options.granja):
         artifacts.granja_folder(options.models_dir, options.granja)
-        data = prepare_data(options)
+        # Cheap checks first: the folder layout, then the weights file, then decoding every photo.
+        scan = scan_granja(options.dataset_dir / options.granja)
         keras.utils.set_random_seed(options.seed)
+        with distribution_scope(options.strategy):
+            backbone = build_backbone(spec, options.input_size, weights, include_top=options.include_top)
+            data = prepare_data(options, scan)
+            model = build_classifier(backbone, input_size=options.input_size, preprocessing=spec.preprocessing,
+                                     pooling=pooling, hidden=options.hidden, dropout=options.dropout,
+                                     num_classes=len(data.class_names))
+            freeze = apply_freeze(model, options.freeze)
+            logger.info("%d layers with weights: %d trainable, %d frozen; first trainable layer: %s",
+                        freeze.trainable + freeze.frozen, freeze.trainable, freeze.frozen, freeze.first_trainable)
+            run_folder = make_run_folder(options)
+            staging = artifacts.staging_folder(options.models_dir, options.granja)
+            record = options_record(options)
+            artifacts.atomic_write_json(run_folder / "args.json", record)
 
-        backbone = build_backbone(spec, options.input_size, weights, include_top=options.include_top)
-        model = build_classifier(backbone, input_size=options.input_size, preprocessing=spec.preprocessing,
-                                 pooling=pooling, hidden=options.hidden, dropout=options.dropout,
-                                 num_classes=len(data.class_names))
-        freeze = apply_freeze(model, options.freeze)
-        logger.info("%d layers with weights: %d trainable, %d frozen; first trainable layer: %s",
-                    freeze.trainable + freeze.frozen, freeze.trainable, freeze.frozen, freeze.first_trainable)
-        model.compile(optimizer=keras.optimizers.Adam(options.lr), loss="categorical_crossentropy",
-                      metrics=["accuracy"])
-
-        run_folder = make_run_folder(options)
-        staging = artifacts.staging_folder(options.models_dir, options.granja)
-        record = options_record(options)
-        artifacts.atomic_write_json(run_folder / "args.json", record)
+            use_cache = options.cache and head_is_only_trainable(model)
+            logger.info("training path: %s", "head on cached backbone features" if use_cache else
+                        "full forward pass every epoch")
+            fit = _fit_on_features if use_cache else _fit_plain
+            # Everything that changes a clean photo's features; the weights file is hashed by the cache.
+            cache_key = {"backbone": spec.name, "input_size": options.input_size, "include_top": options.include_top,
+                         "preprocessing": spec.preprocessing, "pooling": pooling}
+            started = time.monotonic()
+            try:
+                history, probabilities, fit_counts = fit(model, data, options, weights, run_folder, staging / artifacts.MODEL_FILE,
+                                             cache_key)
+            except KeyboardInterrupt:
+                logger.error("training interrupted: the previous model in %s is kept",
+                             options.models_dir / options.granja)
+                raise
+            seconds = time.monotonic() - started
 
         num_classes = len(data.class_names)
-        train_split, val_split, test_split = (data.split[name] for name in SPLIT_NAMES)
-        train_data = make_dataset(data.images[train_split], data.labels[train_split], num_classes,
-                                  options.batch_size, shuffle=True, augment=options.augment, seed=options.seed)
-        val_data = make_dataset(data.images[val_split], data.labels[val_split], num_classes, options.batch_size)
-
-        checkpoint = staging / artifacts.MODEL_FILE
-        callbacks = [
-            keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
-                                          restore_best_weights=True, verbose=1),
-            keras.callbacks.ModelCheckpoint(str(checkpoint), monitor="val_loss", save_best_only=True),
-            keras.callbacks.TensorBoard(log_dir=str(run_folder), update_freq="batch", write_graph=True),
-            keras.callbacks.CSVLogger(str(run_folder / "epochs.csv")),
-        ]
-        started = time.monotonic()
-        try:
-            history = model.fit(train_data, validation_data=val_data, epochs=options.epochs,
-                                callbacks=callbacks, verbose=options.verbose, shuffle=False)
-        except KeyboardInterrupt:
-            logger.error("training interrupted: the previous model in %s is kept",
-                         options.models_dir / options.granja)
-            raise
-        seconds = time.monotonic() - started
-
-        # EarlyStopping restored the weights of the best epoch by val_loss; the test split is used
-        # only here, after model selection.
-        probabilities = model.predict(
-            make_dataset(data.images[test_split], data.labels[test_split], num_classes, options.batch_size),
-            verbose=0)
+        test_split = data.split["test"]
+        if not np.all(np.isfinite(probabilities)):
+            raise UserError(f"training diverged: the model's scores are not finite (NaN); the previous model in "
+                            f"{options.models_dir / options.granja} is kept; lower --lr (now {options.lr}) or "
+                            "check the weights file")
         y_true = data.labels[test_split]
         y_pred = probabilities.argmax(axis=1)
         report = reports.classification_report(y_true, y_pred, data.class_names)
@@ -267,6 +416,8 @@ def train(options: TrainOptions) -> dict:
             "epochs_run": epochs_run,
             "best_val_loss": round(float(min(history.history["val_loss"])), 6),
             "train_seconds": round(seconds, 1),
+            "training_path": "cached_features" if use_cache else "plain",
+            **fit_counts,
         }
         metadata = {
             "format_version": artifacts.FORMAT_VERSION,

@@ -1,0 +1,157 @@
+"""The cached-feature training path, the feature cache and distributed training."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from test_training import make_granja, train_args
+
+import training
+
+
+def small_model(freeze=-2):
+    from utils.backbones import KERAS_SPECS, build_backbone
+    from utils.head import apply_freeze, build_classifier
+
+    spec = KERAS_SPECS["mobilenetv2"]
+    model = build_classifier(build_backbone(spec, 32, "none"), input_size=32, preprocessing=spec.preprocessing,
+                             pooling="avg", hidden=(16,), dropout=0.3, num_classes=3)
+    apply_freeze(model, freeze)
+    return model
+
+
+def test_head_on_features_matches_full_model():
+    from utils.features import compute_features, split_at_head
+
+    model = small_model()
+    images = np.random.default_rng(0).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    extractor, head = split_at_head(model)
+    features = compute_features(extractor, images, batch_size=4)
+    direct = model.predict(images.astype(np.float32), verbose=0)
+    via_features = head.predict(features, verbose=0)
+    np.testing.assert_allclose(via_features, direct, atol=1e-5)
+
+
+def test_saved_model_scores_like_head(tmp_path):
+    """The saved full network gives the scores the head gave on cached features."""
+    from utils.artifacts import load_keras_model, save_model_atomic
+    from utils.features import compute_features, split_at_head
+
+    model = small_model()
+    images = np.random.default_rng(1).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    extractor, head = split_at_head(model)
+    expected = head.predict(compute_features(extractor, images, batch_size=3), verbose=0)
+    save_model_atomic(model, tmp_path / "model.keras")
+    reloaded = load_keras_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(reloaded.predict(images.astype(np.float32), verbose=0), expected, atol=1e-5)
+
+
+def test_head_only_detection():
+    from utils.features import head_is_only_trainable
+
+    assert head_is_only_trainable(small_model(freeze=-2))
+    assert not head_is_only_trainable(small_model(freeze=-3))
+    assert not head_is_only_trainable(small_model(freeze=None))
+
+
+def test_augmented_views_differ_and_repeat():
+    from utils.augment import AugmentConfig
+    from utils.features import compute_features, split_at_head
+
+    extractor, _ = split_at_head(small_model())
+    images = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    views = compute_features(extractor, images, 4, augment=AugmentConfig(), views=3, seed=5)
+    assert views.shape == (4, 3, extractor.output.shape[-1])
+    # Random weights give tiny features, so compare relative to their size.
+    assert not np.allclose(views[:, 0], views[:, 1], rtol=1e-3, atol=0)
+    again = compute_features(extractor, images, 4, augment=AugmentConfig(), views=3, seed=5)
+    np.testing.assert_allclose(views, again, rtol=1e-4, atol=0)
+
+
+def read_record(tmp_path):
+    return json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
+
+
+def test_cache_reused_and_invalidated(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=5)
+    base = train_args(tmp_path, "-m", "mobilenetv2", "--weights", "none", "--input-size", "32", "-e", "1",
+                      "--hidden", "8", "--views", "2")
+
+    assert training.main(base) == 0
+    first = read_record(tmp_path)["metrics"]
+    assert first["training_path"] == "cached_features"
+    assert first["features_read"] == 0
+    assert first["features_computed"] == 15
+
+    # Another head and learning rate reuse every feature.
+    assert training.main([*base, "--hidden", "4", "--lr", "0.01"]) == 0
+    second = read_record(tmp_path)["metrics"]
+    assert second["features_read"] == 15
+    assert second["features_computed"] == 0
+
+    # A changed photo is computed again; the others still come from the cache.
+    photo = tmp_path / "dataset" / "farm" / "rex" / "ñandú 0.jpg"
+    from PIL import Image
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(photo)
+    assert training.main(base) == 0
+    changed = read_record(tmp_path)["metrics"]
+    assert changed["features_computed"] == 1
+    assert changed["features_read"] == 14
+
+    # Other augmentation settings invalidate the training views only.
+    assert training.main([*base, "--rotation", "5"]) == 0
+    augmented = read_record(tmp_path)["metrics"]
+    split_sizes = read_record(tmp_path)["split_sizes"]
+    assert augmented["features_computed"] == split_sizes["train"]
+
+    # Another input size (a different extractor) misses everything.
+    assert training.main([*base[:-6], "--input-size", "36", "-e", "1", "--hidden", "8", "--views", "2"]) == 0
+    assert read_record(tmp_path)["metrics"]["features_read"] == 0
+
+
+def test_no_cache_uses_plain_path(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=4)
+    assert training.main(train_args(tmp_path, "-m", "mobilenetv2", "--weights", "none", "--input-size", "32",
+                                     "-e", "1", "--hidden", "8", "--no-cache")) == 0
+    assert read_record(tmp_path)["metrics"]["training_path"] == "plain"
+    assert not (tmp_path / "models" / "farm" / "cache").exists()
+
+
+MIRRORED_SCRIPT = """
+import sys
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, {repo!r})
+import training
+sys.exit(training.main({args!r}))
+"""
+
+
+@pytest.mark.parametrize("strategy", ["none", "mirrored"])
+def test_mirrored_strategy_trains(tmp_path, strategy):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=10)
+    args = train_args(tmp_path, "-m", "mobilenetv2", "--weights", "none", "--input-size", "32", "-e", "15",
+                      "-bs", "8", "--hidden", "32", "--freeze", "none", "--lr", "0.003", "--no-augment",
+                      "--strategy", strategy, "--patience", "15")
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT.format(repo=str(REPO), args=args)],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if strategy == "mirrored":
+        assert "MirroredStrategy on 2 replicas" in result.stderr
+    # The classes differ in mean colour: one device or two, the model must learn them.
+    assert read_record(tmp_path)["metrics"]["best_val_loss"] < 1.0
+
+
+def test_multiworker_needs_tf_config(tmp_path, monkeypatch):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=4)
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    result = subprocess.run([sys.executable, "training.py", *train_args(tmp_path, "--strategy", "multiworker",
+                             "-m", "mobilenetv2", "--weights", "none", "--input-size", "32")],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "TF_CONFIG" in result.stderr
