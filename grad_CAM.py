@@ -64,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = parser.add_argument_group("heat map")
     explain.add_argument("--class", dest="class_name", default=None, metavar="NAME",
-                         help="class to explain (default: each photo's top-scoring class)")
+                         help="class to explain; without it, each photo's top-scoring class")
     explain.add_argument("--layer", default=None, metavar="NAME",
-                         help="backbone layer whose feature map is weighted (default: the backbone's last "
-                              "convolutional layer, as recorded in training.json)")
+                         help="backbone layer whose feature map is weighted; without it, the backbone's last "
+                              "convolutional layer, as recorded in training.json")
     explain.add_argument("--method", choices=METHODS, default="gradcam",
                          help="channel weights: gradcam (mean gradient) or gradcam++ (second-order weights)")
     explain.add_argument("--alpha", type=cli.unit_interval, default=0.4, metavar="A",
@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", type=Path, default=None, metavar="PATH",
-                        help="a .png file (one photo only) or a folder for the figures "
-                             "(default: logs/<granja>/gradcam/)")
+                        help="a .png file (one photo only) or a folder for the figures; without it, "
+                             "logs/<granja>/gradcam/")
     output.add_argument("--save-array", action="store_true",
                         help="also write each heat map as a float32 .npy array in [0, 1] beside its PNG, at "
                              "the target layer's resolution")

@@ -207,6 +207,29 @@ def test_earlier_layer_map_size(patch_model):
     assert heatmap.shape == (SIZE, SIZE)
 
 
+def test_vector_backbone_without_hidden_layers():
+    # As with --include-top: the backbone ends in its own dense layer, so the classifier has no
+    # pooling, and with no hidden layers the softmax layer reads the backbone's output directly.
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(6, activation="relu", name="descriptor")(x)
+    backbone = keras.Model(inputs, x, name="vector_backbone")
+    model = build_classifier(backbone, input_size=SIZE, preprocessing="none", pooling="avg", hidden=(),
+                             dropout=0.0, num_classes=3)
+    images = patch_images(np.random.default_rng(4), [0, 1], [1, 2], [3, 0])
+
+    gradient_model = gradcam.build_gradient_model(model)
+    feature_map, logits = gradient_model(images)
+    maps = gradcam.compute_activation_maps(gradient_model, images, method="gradcam++")
+
+    assert gradcam.find_conv_layer(backbone) == "conv"
+    assert tuple(feature_map.shape) == (2, SIZE - 2, SIZE - 2, 4)
+    np.testing.assert_allclose(keras.ops.softmax(logits).numpy(), np.asarray(model(images)), atol=1e-5)
+    assert [result.heatmap.shape for result in maps] == [(SIZE - 2, SIZE - 2)] * 2
+
+
 def test_unknown_layer_lists_nearby(patch_model):
     with pytest.raises(ValueError, match="'conv4' not found .*conv[123]"):
         gradcam.build_gradient_model(patch_model, "conv4")
