@@ -197,7 +197,7 @@ def find_similar_pairs(
         raise ValueError(f"scope_keys must have one key per path ({len(scope_keys)} keys for {len(paths)} paths)")
 
     started = time.perf_counter()
-    grays, features, unreadable = _decode_all(paths, size, workers, progress)
+    grays, features, unreadable = _decode_all(paths, size, workers, progress, with_features=use_bound)
     logger.info("decoded %d of %d photos in %.1f s", len(grays), len(paths), time.perf_counter() - started)
 
     groups = _scope_groups(paths, scope_keys, set(grays))
@@ -205,13 +205,13 @@ def find_similar_pairs(
     if progress is not None:
         progress.pairs_started(total)
 
-    started = time.perf_counter()
     if use_bound:
+        started = time.perf_counter()
         candidates = _bound_pairs(groups, features, size, threshold, workers, progress)
+        logger.info("the upper bound ruled out %d of %d pairs in %.1f s",
+                    total - len(candidates), total, time.perf_counter() - started)
     else:
         candidates = _all_pairs(groups)
-    skipped = total - len(candidates)
-    logger.info("the upper bound ruled out %d of %d pairs in %.1f s", skipped, total, time.perf_counter() - started)
 
     started = time.perf_counter()
     scores = _exact_scores(candidates, grays, workers, progress)
@@ -223,7 +223,7 @@ def find_similar_pairs(
         scores=scores[above],
         unreadable=unreadable,
         pairs_compared=len(candidates),
-        pairs_skipped=skipped,
+        pairs_skipped=total - len(candidates),
     )
 
 
@@ -324,17 +324,20 @@ def _decode_task(task: tuple[int, str]) -> tuple[int, np.ndarray | None, np.ndar
         gray = dedup.to_gray(load_rgb(path), _state["size"])
     except UnreadableImageError as err:
         return index, None, None, str(err)
-    return index, gray, dedup.bound_features(gray), ""
+    features = dedup.bound_features(gray) if _state["with_features"] else None
+    return index, gray, features, ""
 
 
 def _decode_all(
-    paths: Sequence[Path], size: int, workers: int, progress: SearchProgress | None
+    paths: Sequence[Path], size: int, workers: int, progress: SearchProgress | None, *, with_features: bool
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, str]]:
+    """Decode every photo to its grayscale array, and its bound vector when ``with_features`` is true."""
     grays: dict[int, np.ndarray] = {}
     features: dict[int, np.ndarray] = {}
     unreadable: dict[int, str] = {}
     tasks = [(index, str(path)) for index, path in enumerate(paths)]
-    stage = _run_stage(_decode_task, tasks, workers, {"size": size}, worth_processes=len(tasks) >= MIN_PARALLEL_PHOTOS)
+    state = {"size": size, "with_features": with_features}
+    stage = _run_stage(_decode_task, tasks, workers, state, worth_processes=len(tasks) >= MIN_PARALLEL_PHOTOS)
     for index, gray, vector, reason in stage:
         if gray is None:
             logger.warning("skipped: %s", reason)

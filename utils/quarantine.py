@@ -250,6 +250,12 @@ def write_reports(quarantine: Path, report: dict, rows: Sequence[dict]) -> tuple
     writer.writeheader()
     writer.writerows(rows)
     json_path, csv_path = quarantine / REPORT_JSON, quarantine / REPORT_CSV
-    write_atomic(csv_path, buffer.getvalue())
-    write_atomic(json_path, json.dumps({**report, "version": REPORT_VERSION}, indent=2, sort_keys=True) + "\n")
+    try:
+        write_atomic(csv_path, buffer.getvalue())
+        write_atomic(json_path, json.dumps({**report, "version": REPORT_VERSION}, indent=2, sort_keys=True) + "\n")
+    except OSError as err:
+        raise UserError(
+            f"cannot write the report to {quarantine} ({err.strerror or err}); "
+            "pass a --quarantine folder you can write to, or --dry-run"
+        ) from err
     return json_path, csv_path
