@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser, grouped by concern."""
     from utils.gradcam import METHODS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
 
     data = parser.add_argument_group("photos and model")
     data.add_argument("-ng", "--granja", required=True, type=cli.granja_name,
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not interactive:
         matplotlib.use("Agg")
 
-    from testing import expand_photos
+    from utils.images import expand_photos
     from utils import artifacts
 
     photos = expand_photos(args.img)

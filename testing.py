@@ -39,26 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def expand_photos(paths: Sequence[Path]) -> list[Path]:
-    """Expand folders into their photos (recursively, sorted) and check that every path exists."""
-    from utils.errors import UserError
-    from utils.images import is_junk_name, is_photo_name
-
-    photos = []
-    for path in paths:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_photo_name(p.name)
-                           and not any(is_junk_name(part) for part in p.relative_to(path).parts))
-            if not found:
-                raise UserError(f"no photos in folder {path}; photos are jpg, jpeg, png, bmp or webp files")
-            photos.extend(found)
-        elif path.exists():
-            photos.append(path)
-        else:
-            raise UserError(f"--img not found: {path}; give a photo file or a folder of photos")
-    return photos
-
-
 def score_photos(model, photos: Sequence[Path], input_size: int):
     """Decode all photos, then score them in batches; returns float32 probabilities, one row per photo."""
     import numpy as np
@@ -83,6 +63,9 @@ def ranked_scores(probabilities, class_names: Sequence[str], top_k: int | None) 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cli.setup_logging(args.debug)
+
+    from utils.images import expand_photos
+
     photos = expand_photos(args.img)
 
     import numpy as np

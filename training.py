@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--strategy", choices=("none", "mirrored", "multiworker"), default="none",
                           help="tf.distribute strategy: mirrored uses every visible GPU on this machine; "
                                "multiworker spreads training over machines listed in TF_CONFIG")
+    training.add_argument("--resume", action="store_true",
+                          help="continue the interrupted run of this granja from its last completed epoch, with "
+                               "its own split and flags (other flags are ignored)")
     training.add_argument("--patience", type=cli.positive_int, default=5,
                           help="epochs without a lower validation loss before early stopping")
 
@@ -145,7 +148,7 @@ def options_from_args(args: argparse.Namespace):
         freeze=-(len(args.hidden) + 1) if args.freeze is None else parse_freeze(args.freeze),
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         min_images=args.min_images, dedup_threshold=args.dedup_threshold, augment=augment,
-        cache=not args.no_cache, views=args.views, strategy=args.strategy,
+        cache=not args.no_cache, views=args.views, strategy=args.strategy, resume=args.resume,
         verbose=2 if args.quiet else 1,
     )
 

@@ -32,10 +32,18 @@ SPLIT_FILE = "split.json"
 CACHE_FOLDER = "cache"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # mkstemp creates the file readable by its owner only; give it the permissions open() would.
+    os.chmod(temp, 0o666 & ~_umask())
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
@@ -62,6 +70,7 @@ def save_model_atomic(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".keras", dir=path.parent)
     os.close(handle)
+    os.chmod(temp, 0o666 & ~_umask())
     try:
         model.save(temp)
         os.replace(temp, path)
@@ -185,6 +194,13 @@ def load_trained(models_dir: Path, granja: str, *, load_model: bool = True) -> T
 
     if load_model:
         trained.model = load_keras_model(folder / MODEL_FILE)
+        layer_names = [layer.name for layer in trained.model.layers]
+        expected = metadata.get("backbone_layer")
+        if expected not in layer_names:
+            nested = [layer.name for layer in trained.model.layers if hasattr(layer, "layers")]
+            raise UserError(f"{folder / TRAINING_FILE} names backbone {metadata.get('backbone')!r} (layer "
+                            f"{expected!r}) but {folder / MODEL_FILE} holds {', '.join(nested) or 'another network'}; "
+                            "retrain the granja or restore its files together")
         outputs = trained.model.output_shape[-1]
         if outputs != len(class_names):
             raise UserError(f"{folder / MODEL_FILE} scores {outputs} classes but {folder / LABELS_FILE} "

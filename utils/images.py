@@ -1,6 +1,7 @@
 """Photo files: which names are photos, and decoding any of them to one RGB array."""
 
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +94,20 @@ def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
 def load_photo(path: str | Path, size: int) -> np.ndarray:
     """Load a photo as a size x size x 3 uint8 RGB array, the form every model takes."""
     return resize_rgb(load_rgb(path), size)
+
+
+def expand_photos(paths: Sequence[Path]) -> list[Path]:
+    """Expand folders into their photos (recursively, sorted) and check that every path exists."""
+    photos = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_photo_name(p.name)
+                           and not any(is_junk_name(part) for part in p.relative_to(path).parts))
+            if not found:
+                raise UserError(f"no photos in folder {path}; photos are jpg, jpeg, png, bmp or webp files")
+            photos.extend(found)
+        elif path.exists():
+            photos.append(path)
+        else:
+            raise UserError(f"--img not found: {path}; give a photo file or a folder of photos")
+    return photos

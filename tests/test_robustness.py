@@ -1,0 +1,211 @@
+"""Bad folders, broken model files, interruptions, concurrent runs and reproducibility of training."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, write_photo
+from test_training import make_granja, train_args
+
+import training
+
+SMALL = ("-m", "mobilenetv2", "--weights", "none", "--input-size", "32", "--hidden", "8")
+
+
+def run_training(tmp_path, *flags):
+    return subprocess.run([sys.executable, "training.py", *train_args(tmp_path, *SMALL, *flags)],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def build_empty_class(root):
+    make_granja(root)
+    (root / "vacío").mkdir()
+
+
+def build_one_photo_class(root):
+    make_granja(root)
+    write_photo(root / "solo" / "one.jpg", seed=9)
+
+
+def build_one_class(root):
+    for index in range(5):
+        write_photo(root / "only" / f"{index}.jpg", seed=index)
+
+
+def build_loose_photos(root):
+    for index in range(5):
+        write_photo(root / f"{index}.jpg", seed=index)
+
+
+def build_only_junk(root):
+    (root / "__MACOSX").mkdir(parents=True)
+    (root / ".DS_Store").write_bytes(b"junk")
+
+
+@pytest.mark.parametrize("build, fragments", [
+    (build_empty_class, ["'vacío' (0)", "--min-images"]),
+    (build_one_photo_class, ["'solo' (1)", "--min-images"]),
+    (build_one_class, ["at least 2 classes", "'only'"]),
+    (build_loose_photos, ["lie directly in", "class folder"]),
+    (build_only_junk, ["no class folders"]),
+    (None, ["granja folder not found"]),
+])
+def test_bad_folder_shapes(tmp_path, build, fragments):
+    if build is not None:
+        build(tmp_path / "dataset" / "farm")
+    assert_one_line_error(run_training(tmp_path), *fragments)
+    assert not (tmp_path / "models" / "farm").exists()
+
+
+def test_min_images_drops_small_classes(tmp_path):
+    build_one_photo_class(tmp_path / "dataset" / "farm")
+    assert training.main(train_args(tmp_path, *SMALL, "-e", "1", "--min-images", "3")) == 0
+    record = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
+    assert "solo" not in record["class_names"]
+
+
+def test_broken_photos_skipped_and_counted(tmp_path):
+    root = tmp_path / "dataset" / "farm"
+    make_granja(root)
+    good = root / "rex" / "ñandú 0.jpg"
+    (root / "rex" / "cut.jpg").write_bytes(good.read_bytes()[:300])
+    (root / "rex" / "empty.jpg").write_bytes(b"")
+    (root / "rex" / "text.png").write_text("not a png")
+    (root / "__MACOSX").mkdir()
+    (root / "rex" / "._ñandú 0.jpg").write_bytes(b"\x00\x05\x16\x07")
+    (root / "rex" / "Thumbs.db").write_bytes(b"junk")
+    (root / ".ipynb_checkpoints").mkdir()
+
+    result = run_training(tmp_path, "-e", "1")
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("cut.jpg", "empty.jpg", "text.png"):
+        assert sum(name in line for line in result.stderr.splitlines() if "WARNING" in line) == 1
+    assert "skipped 3 photos" in result.stderr
+    record = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
+    assert len(record["skipped_photos"]) == 3
+    assert sum(record["split_sizes"].values()) == 18
+    assert record["ignored_files"] == 4
+
+
+def test_model_files_disagree(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    assert training.main(train_args(tmp_path, *SMALL, "-e", "1")) == 0
+    folder = tmp_path / "models" / "farm"
+    photo = tmp_path / "dataset" / "farm" / "rex" / "ñandú 1.jpg"
+
+    def run_testing():
+        return subprocess.run([sys.executable, "testing.py", "-ng", "farm", "--models-dir", str(tmp_path / "models"),
+                               "--img", str(photo)], cwd=REPO, capture_output=True, text=True, check=False)
+
+    labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    (folder / "labels.json").write_text(json.dumps({**labels, "extra": 3}), encoding="utf-8")
+    assert_one_line_error(run_testing(), "labels.json", "training.json")
+    (folder / "labels.json").write_text(json.dumps(labels), encoding="utf-8")
+
+    record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
+    (folder / "training.json").write_text(json.dumps({**record, "backbone_layer": "vggface_resnet50",
+                                                      "backbone": "resnet50"}), encoding="utf-8")
+    assert_one_line_error(run_testing(), "resnet50", "model.keras")
+
+
+def test_second_training_stops_on_lock(tmp_path):
+    from utils.artifacts import granja_lock
+
+    make_granja(tmp_path / "dataset" / "farm")
+    with granja_lock(tmp_path / "models", "farm"):
+        result = run_training(tmp_path, "-e", "1")
+    assert_one_line_error(result, "another training of granja 'farm' is running", ".farm.lock")
+
+
+def wait_for(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def epochs_logged(tmp_path):
+    logs = list((tmp_path / "logs" / "farm").glob("*/epochs.csv"))
+    return len(logs[0].read_text().splitlines()) - 1 if logs else 0
+
+
+def test_ctrl_c_then_resume(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=8)
+    process = subprocess.Popen([sys.executable, "training.py",
+                                *train_args(tmp_path, *SMALL, "-e", "6", "--patience", "6", "--no-cache")],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: epochs_logged(tmp_path) >= 2, timeout=300)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "no model was saved" in stderr
+    assert "--resume" in stderr
+    assert not (tmp_path / "models" / "farm").exists()
+    split_before = json.loads((tmp_path / "models" / ".farm.resume" / "split.json").read_text(encoding="utf-8"))
+    done = epochs_logged(tmp_path)
+
+    result = subprocess.run([sys.executable, "training.py", "-ng", "farm", "--dataset-dir",
+                             str(tmp_path / "dataset"), "--models-dir", str(tmp_path / "models"), "--resume",
+                             "--quiet"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert epochs_logged(tmp_path) == 6
+    assert f"Epoch {done + 1}/6" in result.stdout or f"Epoch {done + 1}/6" in result.stderr
+    split_after = json.loads((tmp_path / "models" / "farm" / "split.json").read_text(encoding="utf-8"))
+    assert split_after == split_before
+    assert not (tmp_path / "models" / ".farm.resume").exists()
+
+
+def test_resume_without_backup(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    assert_one_line_error(run_training(tmp_path, "--resume"), "nothing to resume")
+
+
+def test_kill_leaves_a_loadable_model(tmp_path):
+    """SIGKILL at several moments of a second run: the folder holds the first model or the second."""
+    from utils.artifacts import load_trained
+
+    make_granja(tmp_path / "dataset" / "farm")
+    assert training.main(train_args(tmp_path, *SMALL, "-e", "1")) == 0
+    first = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))["trained_at"]
+    stamps = {first}
+    for delay in (3.0, 6.0, 9.0, 12.0, 16.0):
+        process = subprocess.Popen([sys.executable, "training.py", *train_args(tmp_path, *SMALL, "-e", "2")],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        (tmp_path / "models" / ".farm.lock").unlink(missing_ok=True)
+        trained = load_trained(tmp_path / "models", "farm")
+        assert trained.model.output_shape[-1] == 3
+        stamps.add(trained.metadata["trained_at"])
+    assert first in stamps
+
+
+def test_same_seed_same_split_and_metrics(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    results = []
+    for run in range(2):
+        models = tmp_path / f"models{run}"
+        assert training.main(["-ng", "farm", "--dataset-dir", str(tmp_path / "dataset"), "--models-dir",
+                              str(models), "--logs-dir", str(tmp_path / "logs"), *SMALL, "-e", "2", "--quiet"]) == 0
+        results.append((json.loads((models / "farm" / "split.json").read_text(encoding="utf-8")),
+                        json.loads((models / "farm" / "training.json").read_text(encoding="utf-8"))["metrics"]))
+    assert results[0][0] == results[1][0]
+    for key in ("test_accuracy", "test_loss", "best_val_loss", "best_epoch"):
+        assert results[0][1][key] == results[1][1][key], key
