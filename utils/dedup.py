@@ -185,45 +185,40 @@ def ssim_pairs(
     # Work buffers, allocated once per call: fresh arrays per pair would cost page faults.
     product = np.empty(shape, dtype=np.uint16)
     cross_full = np.empty(shape, dtype=np.int32)
-    int_a = np.empty(windows, dtype=np.int32)
-    int_b = np.empty(windows, dtype=np.int32)
-    numerator = np.empty(windows, dtype=np.float64)
-    denominator = np.empty(windows, dtype=np.float64)
-    scratch = np.empty(windows, dtype=np.float64)
     cross = cross_full[_MARGIN:-_MARGIN, _MARGIN:-_MARGIN]
+    means_product = np.empty(windows, dtype=np.int32)
+    luminance = np.empty(windows, dtype=np.float64)
+    structure = np.empty(windows, dtype=np.float64)
+    luminance_norm = np.empty(windows, dtype=np.float64)
+    structure_norm = np.empty(windows, dtype=np.float64)
 
-    current = -1
     for k, (i, j) in enumerate(pairs.tolist()):
         x, y = pixels[i], pixels[j]
         if x.shape != shape or y.shape != shape:
             raise ValueError(f"photos {i} and {j} differ in shape ({x.shape} and {y.shape}); use one size")
         sx, sy = stats[i], stats[j]
-        if i != current:
-            # The first photo's share of both denominator terms, reused while it stays the same.
-            luminance_base = sx.squared_sums + _C1_SUMS
-            structure_base = sx.scaled_variances + _C2_SUMS
-            current = i
 
         # Sxy: window sums of the pixel product, exact (49 * 255 * 255 < 2**31).
         cv2.multiply(x, y, dst=product, dtype=cv2.CV_16U)
         cv2.boxFilter(product, cv2.CV_32S, (WINDOW_SIZE, WINDOW_SIZE), dst=cross_full, normalize=False,
                       borderType=cv2.BORDER_CONSTANT)
+        np.multiply(sx.sums, sy.sums, out=means_product)
 
+        # cv2.addWeighted computes a * src1 + b * src2 + c in float64 for a CV_64F result, which
+        # is exact here, and fuses the conversion from int32 with the arithmetic.
         # Halved numerator terms: Sx*Sy + n^2*C1/2 and (n*Sxy - Sx*Sy) + n*(n-1)*C2/2.
-        np.multiply(sx.sums, sy.sums, out=int_a)
-        np.multiply(cross, _WINDOW_PIXELS, out=int_b)
-        int_b -= int_a
-        np.add(int_a, _C1_SUMS / 2, out=numerator)
-        np.add(int_b, _C2_SUMS / 2, out=scratch)
-        numerator *= scratch
-
+        cv2.addWeighted(means_product, 1.0, means_product, 0.0, _C1_SUMS / 2, dst=luminance, dtype=cv2.CV_64F)
+        cv2.addWeighted(cross, float(_WINDOW_PIXELS), means_product, -1.0, _C2_SUMS / 2, dst=structure,
+                        dtype=cv2.CV_64F)
         # Denominator terms: Sx^2 + Sy^2 + n^2*C1 and the two scaled variances + n*(n-1)*C2.
-        np.add(sy.squared_sums, luminance_base, out=denominator)
-        np.add(sy.scaled_variances, structure_base, out=scratch)
-        denominator *= scratch
+        cv2.addWeighted(sx.squared_sums, 1.0, sy.squared_sums, 1.0, _C1_SUMS, dst=luminance_norm, dtype=cv2.CV_64F)
+        cv2.addWeighted(sx.scaled_variances, 1.0, sy.scaled_variances, 1.0, _C2_SUMS, dst=structure_norm,
+                        dtype=cv2.CV_64F)
 
-        numerator /= denominator
-        scores[k] = 4.0 * numerator.sum() / numerator.size
+        cv2.multiply(luminance, structure, dst=luminance)
+        cv2.multiply(luminance_norm, structure_norm, dst=luminance_norm)
+        cv2.divide(luminance, luminance_norm, dst=luminance)
+        scores[k] = 4.0 * cv2.sumElems(luminance)[0] / luminance.size
     return scores
 
 
