@@ -219,14 +219,15 @@ def test_ssim_rejects_different_shapes():
 
 # --- The upper bound ---------------------------------------------------------------------------
 
-def bound_matrix(grays: list[np.ndarray]) -> np.ndarray:
-    features = np.stack([dedup.bound_features(gray) for gray in grays])
+def bound_matrix(grays: list[np.ndarray], block: int = dedup.BOUND_BLOCK) -> np.ndarray:
+    features = np.stack([dedup.bound_features(gray, block) for gray in grays])
     norms = np.einsum("ij,ij->i", features, features, dtype=np.float64)
     windows = (grays[0].shape[0] - dedup.WINDOW_SIZE + 1) ** 2
     return dedup.ssim_upper_bounds(features, features, norms, norms, windows)
 
 
-def test_upper_bound_never_below_ssim(injected_folder):
+@pytest.mark.parametrize("block", [1, 2, 4])
+def test_upper_bound_never_below_ssim(injected_folder, block):
     _, photos, _ = injected_folder
     grays = [dedup.to_gray(load_rgb(path)) for path in photos]
     grays += [np.zeros((224, 224), np.uint8), np.full((224, 224), 255, np.uint8), grays[0][:, ::-1].copy()]
@@ -234,7 +235,7 @@ def test_upper_bound_never_below_ssim(injected_folder):
     pairs = all_pairs(len(grays))
 
     exact = dedup.ssim_pairs(grays, stats, pairs)
-    bounds = bound_matrix(grays)[pairs[:, 0], pairs[:, 1]]
+    bounds = bound_matrix(grays, block)[pairs[:, 0], pairs[:, 1]]
 
     assert np.all(bounds >= exact)
 
@@ -251,13 +252,14 @@ def test_upper_bound_never_below_ssim_at_small_sizes(size):
     assert np.all(bounds >= exact)
 
 
-def test_upper_bound_rules_out_different_dogs():
+@pytest.mark.parametrize("threshold", [0.95, 0.8])
+def test_upper_bound_rules_out_different_dogs(threshold):
     grays = [dedup.to_gray(load_rgb(path)) for path in dog_photos(20)]
     pairs = all_pairs(len(grays))
 
-    bounds = bound_matrix(grays)[pairs[:, 0], pairs[:, 1]]
+    bounds = bound_matrix(grays, dedup.bound_block(threshold))[pairs[:, 0], pairs[:, 1]]
 
-    assert np.mean(bounds <= THRESHOLD) >= 0.95
+    assert np.mean(bounds <= threshold) >= 0.9
 
 
 # --- Decisions ---------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ except ImportError:  # installed with scikit-learn; without it BLAS keeps its de
 logger = logging.getLogger(__name__)
 
 # Photos per side of one tile of the bound matrix: a 512 x 512 tile of 224-pixel photos is a
-# product of two 512 x 8748 float32 matrices, about 0.1 s on one core.
+# product of two 512 x 17,496 float32 matrices, about 0.2 s on one core at a threshold of 0.85
+# or more (four times that below, where the vectors are four times longer).
 TILE_PHOTOS = 512
 # Pairs per task of the exact stage: enough to amortise the task overhead (about 0.3 ms per
 # pair at 224 pixels).
@@ -197,7 +198,8 @@ def find_similar_pairs(
         raise ValueError(f"scope_keys must have one key per path ({len(scope_keys)} keys for {len(paths)} paths)")
 
     started = time.perf_counter()
-    grays, features, unreadable = _decode_all(paths, size, workers, progress, with_features=use_bound)
+    block = dedup.bound_block(threshold) if use_bound else 0
+    grays, features, unreadable = _decode_all(paths, size, workers, progress, bound_block=block)
     logger.info("decoded %d of %d photos in %.1f s", len(grays), len(paths), time.perf_counter() - started)
 
     groups = _scope_groups(paths, scope_keys, set(grays))
@@ -324,19 +326,20 @@ def _decode_task(task: tuple[int, str]) -> tuple[int, np.ndarray | None, np.ndar
         gray = dedup.to_gray(load_rgb(path), _state["size"])
     except UnreadableImageError as err:
         return index, None, None, str(err)
-    features = dedup.bound_features(gray) if _state["with_features"] else None
+    block = _state["bound_block"]
+    features = dedup.bound_features(gray, block) if block else None
     return index, gray, features, ""
 
 
 def _decode_all(
-    paths: Sequence[Path], size: int, workers: int, progress: SearchProgress | None, *, with_features: bool
+    paths: Sequence[Path], size: int, workers: int, progress: SearchProgress | None, *, bound_block: int
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[int, str]]:
-    """Decode every photo to its grayscale array, and its bound vector when ``with_features`` is true."""
+    """Decode every photo to its grayscale array, and its bound vector unless ``bound_block`` is 0."""
     grays: dict[int, np.ndarray] = {}
     features: dict[int, np.ndarray] = {}
     unreadable: dict[int, str] = {}
     tasks = [(index, str(path)) for index, path in enumerate(paths)]
-    state = {"size": size, "with_features": with_features}
+    state = {"size": size, "bound_block": bound_block}
     stage = _run_stage(_decode_task, tasks, workers, state, worth_processes=len(tasks) >= MIN_PARALLEL_PHOTOS)
     for index, gray, vector, reason in stage:
         if gray is None:
