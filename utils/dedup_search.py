@@ -38,15 +38,16 @@ except ImportError:  # installed with scikit-learn; without it BLAS keeps its de
 
 logger = logging.getLogger(__name__)
 
-# Photos per side of one tile of the bound matrix: a 512 x 512 tile of 224-pixel photos is a
-# product of two 512 x 17,496 float32 matrices, about 0.2 s on one core at a threshold of 0.85
-# or more (four times that below, where the vectors are four times longer).
+# Photos per side of one tile of the bound matrix. At a threshold of 0.85 or more, a 512 x 512
+# tile of 224-pixel photos is a product of two 512 x 17,496 float32 matrices, roughly 0.2 s on
+# one core. Below 0.85 the vectors, and the time, are four times larger.
 TILE_PHOTOS = 512
 # Pairs per task of the exact stage: enough to amortise the task overhead (about 0.3 ms per
 # pair at 224 pixels).
 EXACT_TASK_PAIRS = 256
-# Below these amounts of work a stage runs in the calling process: starting a pool of workers
-# takes about 0.1 s, the time to decode 30 photos, compute 300 exact pairs or bound 100,000.
+# Below these amounts of work a stage runs in the calling process, because starting a pool of
+# workers takes roughly 0.1 s. That is about the time to decode 30 photos, compute 300 exact
+# pairs or bound 100,000 pairs on one core.
 MIN_PARALLEL_PHOTOS = 32
 MIN_PARALLEL_PAIRS = 256
 MIN_PARALLEL_BOUNDS = 100_000
@@ -259,7 +260,7 @@ def _sorted_pairs(blocks: Sequence[np.ndarray]) -> np.ndarray:
 
 # --- Worker processes ---------------------------------------------------------------------------
 # Each stage starts its own pool with the platform's default start method and hands the workers
-# what they need through the pool initializer; workers keep it in the module-level dict _state.
+# what they need through the pool initializer. Workers keep it in the module-level dict _state.
 # Under "fork" (the Linux default up to Python 3.13) the initializer's arguments are inherited
 # without copying. "spawn" and "forkserver" pickle them once per worker and also re-run the
 # calling script's imports in each worker, which is slow for a script that imports TensorFlow.
@@ -270,7 +271,7 @@ _state: dict[str, object] = {}
 def _init_worker(state: dict[str, object]) -> None:
     _state.clear()
     _state.update(state)
-    # Parallelism comes from the processes; more threads per process would compete for cores.
+    # Parallelism comes from the processes, so more threads per process would compete for cores.
     cv2.setNumThreads(1)
     if has_threadpoolctl:
         threadpoolctl.threadpool_limits(1)
