@@ -126,7 +126,7 @@ def run_search(args: argparse.Namespace) -> int:
         suffixes = ", ".join(sorted(PHOTO_EXTENSIONS))
         raise UserError(f"--dir {root} contains no photos ({suffixes}); pass a folder of photos")
     for path, reason in scan.skipped:
-        logger.warning("skipped %s: %s", path, reason)
+        logger.warning("skipping %s: %s", path, reason)
     keys = scope_keys_for(scan.photos, root, args.scope)
     logger.info("found %d photos and %d pairs to compare in %s (scope: %s)",
                 len(scan.photos), count_pairs(keys), root, args.scope)

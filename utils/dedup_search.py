@@ -188,6 +188,12 @@ def find_similar_pairs(
     Returns:
         The pairs above the threshold, sorted, with their SSIM and the counts of pairs computed
         and skipped.
+
+    Notes:
+        Memory at 224 pixels: 50 KB per photo for its grayscale array, 70 KB for its bound
+        vector at a threshold of 0.85 or more (280 KB below), and 570 KB of window statistics
+        for each photo left in some pair after the bound. At low thresholds nearly every photo
+        is left in some pair.
     """
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1] (got {threshold})")
@@ -344,7 +350,7 @@ def _decode_all(
     stage = _run_stage(_decode_task, tasks, workers, state, worth_processes=len(tasks) >= MIN_PARALLEL_PHOTOS)
     for index, gray, vector, reason in stage:
         if gray is None:
-            logger.warning("skipped: %s", reason)
+            logger.warning("skipping a photo that does not decode: %s", reason)
             unreadable[index] = reason
         else:
             grays[index] = gray
