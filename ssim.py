@@ -1,8 +1,8 @@
 """Find near-duplicate photos by SSIM and move them out of a dataset folder.
 
 Photos are visited in path order. A photo whose structural similarity index (SSIM) with a photo
-kept before it is above --threshold is flagged; otherwise it is kept. Flagged photos are moved to
-a quarantine folder that mirrors their relative paths, with a CSV and a JSON report; --restore
+kept before it is above --threshold is flagged, and otherwise kept. Flagged photos are moved to a
+quarantine folder that mirrors their relative paths, with a CSV and a JSON report, and --restore
 moves them back. Nothing is deleted unless --delete is given.
 
 Example:
