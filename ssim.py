@@ -29,16 +29,9 @@ from utils.images import PHOTO_EXTENSIONS
 logger = logging.getLogger(__name__)
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one-line user errors (exit status 2 through cli.run)."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (run with --help for usage)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Build the command-line parser of ssim.py."""
-    parser = _Parser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__)
 
     search = parser.add_argument_group("search")
     search.add_argument("--dir", type=Path, metavar="DIR",

@@ -11,6 +11,7 @@ from skimage.metrics import structural_similarity
 
 from conftest import shared_path, write_photo
 from utils import dedup, dedup_search
+from utils.data import split_indices
 from utils.dedup import group_near_duplicates
 from utils.dedup_search import find_similar_pairs
 from utils.images import UnreadableImageError, load_rgb
@@ -300,31 +301,6 @@ def test_connected_components_joins_chains():
     assert labels == [0, 1, 0, 2, 0, 2]
 
 
-def test_split_groups_never_splits_a_group():
-    rng = np.random.default_rng(0)
-    for seed in range(20):
-        sizes = rng.integers(1, 6, size=int(rng.integers(5, 40)))
-        group_ids = np.repeat(rng.permutation(len(sizes)), sizes).tolist()
-
-        splits = dedup.split_groups(group_ids, (0.7, 0.15, 0.15), seed=seed)
-
-        for group in set(group_ids):
-            assert len({s for s, g in zip(splits, group_ids) if g == group}) == 1
-
-
-def test_split_groups_meets_fractions():
-    group_ids = list(range(100))
-
-    splits = dedup.split_groups(group_ids, (0.7, 0.2, 0.1), seed=3)
-
-    assert [splits.count(s) for s in range(3)] == [70, 20, 10]
-
-
-def test_split_groups_rejects_bad_fractions():
-    with pytest.raises(ValueError, match="sum to 1"):
-        dedup.split_groups([0, 1], (0.5, 0.6))
-
-
 # --- The search over files ---------------------------------------------------------------------
 
 def test_injected_copies_flagged_as_brute_force(injected_folder):
@@ -434,11 +410,13 @@ def test_split_by_groups_keeps_copies_together(injected_folder):
     _, photos, copies = injected_folder
     labels = group_near_duplicates(photos, THRESHOLD, workers=1)
 
+    same_class = np.zeros(len(photos), dtype=int)
     for seed in range(10):
-        splits = dedup.split_groups(labels, (0.5, 0.25, 0.25), seed=seed)
+        splits = split_indices(same_class, (0.25, 0.25), seed=seed, groups=labels)
+        side = {index: name for name, indices in splits.items() for index in indices}
 
         for group in set(labels):
-            assert len({splits[k] for k in range(len(photos)) if labels[k] == group}) == 1
+            assert len({side[k] for k in range(len(photos)) if labels[k] == group}) == 1
 
 
 def test_group_near_duplicates_raises_for_unreadable(tmp_path):

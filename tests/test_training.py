@@ -215,3 +215,27 @@ def test_real_dogs_far_above_chance(tmp_path, capsys):
     photo = sorted((tmp_path / "dataset" / "farm" / dogs[0]).iterdir())[0]
     scores = score(tmp_path, capsys, photo)
     assert len(scores) == len(dogs)
+
+
+def test_dedup_threshold_keeps_copies_on_one_side(tmp_path):
+    root = tmp_path / "dataset" / "farm"
+    make_granja(root, photos_per_class=6)
+    copies = {}
+    for name in CLASSES:
+        for index in (0, 1):
+            original = root / name / f"ñandú {index}.jpg"
+            copy = root / name / f"ñandú {index} copy.jpg"
+            shutil.copy(original, copy)
+            copies[f"{name}/{copy.name}"] = f"{name}/{original.name}"
+
+    code = training.main(train_args(tmp_path, "-m", "mobilenetv2", "--weights", "none", "--input-size", "32",
+                                    "-e", "1", "--hidden", "8", "--dedup-threshold", "0.95"))
+
+    assert code == 0
+    record = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
+    assert record["dedup_threshold"] == 0.95
+    assert record["dedup_groups"] == 3 * 6
+    split = json.loads((tmp_path / "models" / "farm" / "split.json").read_text(encoding="utf-8"))
+    side = {path: name for name in ("train", "val", "test") for path in split[name]}
+    for copy, original in copies.items():
+        assert side[copy] == side[original], copy

@@ -17,8 +17,8 @@ The work is split so that a search over many photos does each step once:
 * ``flag_duplicates`` and ``connected_components``: the decisions, from the pairs above the
   threshold.
 * ``group_near_duplicates``: near-duplicate groups of photo files for leak-free training
-  splits, the one function here that reads files. ``split_groups`` assigns whole groups to
-  splits.
+  splits, the one function here that reads files; ``utils.data.split_indices`` keeps each group
+  on one side of the split.
 
 References:
     Wang, Z., Bovik, A. C., Sheikh, H. R. and Simoncelli, E. P. (2004). Image quality
@@ -27,7 +27,6 @@ References:
 """
 
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -468,41 +467,3 @@ def group_near_duplicates(
     if result.unreadable:
         raise UnreadableImageError(result.unreadable[min(result.unreadable)])
     return connected_components(len(paths), result.pairs)
-
-
-def split_groups(group_ids: Sequence[int], fractions: Sequence[float], *, seed: int = 0) -> list[int]:
-    """Assign whole groups to splits, aiming at a fraction of the items for each split.
-
-    Groups are visited in a random order (fixed by ``seed``), largest first, and each goes to the
-    split that is furthest below its target count. Every member of a group gets the same split.
-
-    Args:
-        group_ids: one group label per item, for example from ``connected_components``.
-        fractions: target share of the items for each split, for example (0.7, 0.15, 0.15);
-            non-negative and summing to 1.
-        seed: seed of the shuffle that breaks ties between groups of equal size.
-
-    Returns:
-        The split index (a position in ``fractions``) of each item.
-    """
-    shares = [float(f) for f in fractions]
-    if not shares or any(f < 0 or not math.isfinite(f) for f in shares) or abs(sum(shares) - 1.0) > 1e-6:
-        raise ValueError(f"fractions must be non-negative and sum to 1 (got {list(fractions)})")
-
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(group_ids):
-        members.setdefault(group, []).append(index)
-    order = list(members)
-    random.Random(seed).shuffle(order)
-    order.sort(key=lambda group: -len(members[group]))
-
-    total = len(group_ids)
-    filled = [0] * len(shares)
-    splits = [0] * total
-    for group in order:
-        deficits = [share * total - count for share, count in zip(shares, filled)]
-        split = max(range(len(shares)), key=lambda s: (deficits[s], -s))
-        filled[split] += len(members[group])
-        for index in members[group]:
-            splits[index] = split
-    return splits

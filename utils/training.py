@@ -293,9 +293,12 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
         return cached_features(cache, [digests[index] for index in indices], extractor, data.images[indices],
                                options.batch_size, **kwargs)
 
-    train_features = features(train_split, augment=augment, views=views, seed=options.seed)
-    if augment is None:
-        train_features = train_features[:, None, :]
+    # The unaugmented photo is one of the views: test photos are scored unaugmented, and it costs
+    # no more than an augmented view.
+    train_features = features(train_split)[:, None, :]
+    if augment is not None and views > 1:
+        augmented = features(train_split, augment=augment, views=views - 1, seed=options.seed)
+        train_features = np.concatenate([train_features, augmented], axis=1)
     val_features = features(val_split)
     test_features = features(test_split)
     logger.info("backbone features: %d entries read from the cache, %d computed, in %.1f s (%s)",
