@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 # Augmented views of each training photo on the cached-feature path: one is drawn per photo and
 # epoch. NOTE: provisional until measured in docs/benchmarks.md.
-DEFAULT_VIEWS = 4
+DEFAULT_VIEWS = 3
 
 
 @dataclass
@@ -293,14 +293,16 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
         return cached_features(cache, [digests[index] for index in indices], extractor, data.images[indices],
                                options.batch_size, **kwargs)
 
-    # The unaugmented photo is one of the views: test photos are scored unaugmented, and it costs
-    # no more than an augmented view.
-    train_features = features(train_split)[:, None, :]
+    # Clean features of every photo in one pass; the unaugmented photo is also one of the training
+    # views, because test photos are scored unaugmented and it costs no more than an augmented view.
+    every_photo = np.arange(len(data.paths))
+    clean = features(every_photo)
+    train_features = clean[train_split][:, None, :]
     if augment is not None and views > 1:
         augmented = features(train_split, augment=augment, views=views - 1, seed=options.seed)
         train_features = np.concatenate([train_features, augmented], axis=1)
-    val_features = features(val_split)
-    test_features = features(test_split)
+    val_features = clean[val_split]
+    test_features = clean[test_split]
     logger.info("backbone features: %d entries read from the cache, %d computed, in %.1f s (%s)",
                 cache.hits, cache.misses, time.monotonic() - started, cache.folder)
 
