@@ -98,8 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--no-cache", action="store_true",
                           help="always run the full network every epoch, even when only the head trains")
     training.add_argument("--views", type=cli.positive_int, default=DEFAULT_VIEWS, metavar="K",
-                          help="augmented views of each training photo whose backbone features are cached "
-                               "when only the head trains; one view is drawn per photo and epoch")
+                          help="views of each training photo (the photo itself and K-1 augmented copies) whose "
+                               "backbone features are cached when only the head trains; one view is drawn per "
+                               "photo and epoch")
     training.add_argument("--strategy", choices=("none", "mirrored", "multiworker"), default="none",
                           help="tf.distribute strategy: mirrored uses every visible GPU on this machine; "
                                "multiworker spreads training over machines listed in TF_CONFIG")

@@ -276,3 +276,25 @@ def test_help_shows_every_flag():
     for flag in ("--dir", "--threshold", "--size", "--scope", "--quarantine", "--dry-run", "--delete",
                  "--restore", "--workers", "--debug"):
         assert flag in done.stdout
+
+
+def test_accented_names_move_and_restore(tmp_path):
+    root = tmp_path / "granja"
+    save(texture(7), root / "Peluchín" / "ñandú.jpg")
+    save(texture(7), root / "Peluchín" / "ñandú copia.jpg")
+    save(texture(8), root / "Perrete 2" / "otro.jpg")
+    before = snapshot(root)
+
+    result = run_ssim("--dir", root, "--threshold", "0.95", "--workers", "1")
+
+    assert result.returncode == 0, result.stderr
+    quarantine = tmp_path / "granja_duplicates"
+    # "ñandú copia.jpg" sorts before "ñandú.jpg" (a space before a dot), so it is the one kept.
+    assert (quarantine / "Peluchín" / "ñandú.jpg").is_file()
+    assert (root / "Peluchín" / "ñandú copia.jpg").is_file()
+    report = json.loads(next(quarantine.glob("*.json")).read_text(encoding="utf-8"))
+    assert "Peluchín/ñandú.jpg" in json.dumps(report, ensure_ascii=False)
+
+    restored = run_ssim("--restore", quarantine)
+    assert restored.returncode == 0, restored.stderr
+    assert snapshot(root) == before

@@ -21,8 +21,9 @@ from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Augmented views of each training photo on the cached-feature path: one is drawn per photo and
-# epoch. NOTE: provisional until measured in docs/benchmarks.md.
+# Views of each training photo on the cached-feature path (the photo itself and two augmented
+# copies); one is drawn per photo and epoch. Chosen by bench/bench_train.py on dogs42: see
+# docs/benchmarks.md for the speed and accuracy of 2, 3 and 4 views.
 DEFAULT_VIEWS = 3
 
 
