@@ -40,15 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def score_images(model, images):
-    """Score decoded photos in batches; returns float32 probabilities, one row per photo.
+    """Score decoded photos; returns float32 probabilities, one row per photo.
 
-    Calling the model directly skips ``predict``'s setup, which costs more than it saves for the
-    few batches a command line scores.
+    One batch is scored with a direct call, which skips the setup of ``predict`` (about 0.6 s
+    for one photo on 2 cores); more photos go through ``predict``, whose compiled loop scores
+    a folder about twice as fast as direct calls.
     """
     import numpy as np
 
-    batches = [model(images[start:start + BATCH_SIZE], training=False) for start in range(0, len(images), BATCH_SIZE)]
-    return np.concatenate([np.asarray(batch) for batch in batches]).astype(np.float32)
+    if len(images) <= BATCH_SIZE:
+        return np.asarray(model(images, training=False), dtype=np.float32)
+    return model.predict(images, batch_size=BATCH_SIZE, verbose=0).astype(np.float32)
 
 
 def score_photos(model, photos: Sequence[Path], input_size: int):
