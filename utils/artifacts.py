@@ -212,8 +212,7 @@ def load_keras_model(path: Path):
     """Load a saved ``.keras`` model without compiling it (inference needs no optimizer)."""
     import keras
 
-    # Importing these registers the custom layers that saved models refer to.
-    import utils.augment  # noqa: F401
+    # Importing this registers the Preprocess layer that every saved model starts with.
     import utils.preprocessing  # noqa: F401
 
     if not path.is_file():
