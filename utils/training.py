@@ -262,7 +262,8 @@ def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, r
     num_classes = len(data.class_names)
     train_split, val_split, test_split = (data.split[name] for name in SPLIT_NAMES)
     train_data = make_dataset(data.images[train_split], data.labels[train_split], num_classes,
-                              options.batch_size, shuffle=True, augment=options.augment, seed=options.seed)
+                              options.batch_size, shuffle=True, augment=options.augment, seed=options.seed,
+                              drop_remainder=options.strategy != "none" and len(train_split) > options.batch_size)
     val_data = make_dataset(data.images[val_split], data.labels[val_split], num_classes, options.batch_size)
     _compile(model, options)
     history = model.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
@@ -331,6 +332,9 @@ def distribution_scope(name: str):
 
     if name == "none":
         return contextlib.nullcontext()
+    # NOTE: with two logical CPU devices, training.py on a granja whose validation split does not
+    # divide evenly across the replicas failed in fit() with an AddN shape error (TensorFlow 2.21,
+    # Keras 3.15); only training batches are evened out, by dropping the last one.
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
