@@ -139,7 +139,7 @@ def granja_lock(models_dir: Path, granja: str):
         lock.acquire()
     except Timeout:
         raise UserError(f"another training of granja {granja!r} is running (lock {lock_path} is held); "
-                        "wait for it to finish, or delete the lock file if no training is running") from None
+                        "wait for it to finish") from None
     try:
         yield
     finally:

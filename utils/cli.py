@@ -97,7 +97,7 @@ def granja_name(text: str) -> str:
     if text in (".", "..") or "/" in text or "\\" in text or os.path.isabs(text) or "\x00" in text:
         raise argparse.ArgumentTypeError(
             f"a granja name must be a plain folder name without path separators or '..' (got {text!r}); "
-            "use --dataset-dir to point at the folder that contains it"
+            "give only the folder's name, such as 'dogs42'"
         )
     return text
 

@@ -475,8 +475,9 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
             folder = options.models_dir / options.granja
             kept = (f"the previous model in {folder} is kept" if (folder / artifacts.MODEL_FILE).exists()
                     else "no model was saved")
-            logger.error("training interrupted: %s; continue this run from its last completed epoch with "
-                         "'python training.py -ng %s --resume'", kept, options.granja)
+            models_flag = "" if options.models_dir == Path("models") else f" --models-dir {options.models_dir}"
+            logger.error("training interrupted: %s; continue this run after its last completed epoch with "
+                         "'python training.py -ng %s%s --resume'", kept, options.granja, models_flag)
             raise
         seconds = time.monotonic() - started
 

@@ -7,6 +7,7 @@ The classifier nests it as one layer, after a ``Preprocess`` layer and before th
 
 import logging
 import urllib.error
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,18 +170,21 @@ def build_backbone(spec: BackboneSpec, input_size: int, weights: str, *, include
             if not _looks_like_download_error(err):
                 raise
             raise UserError(
-                f"cannot download the ImageNet weights of {spec.name} ({' '.join(str(err).split())[:120]}); "
+                f"cannot download the ImageNet weights of {spec.name} ({' '.join(str(err).split())}); "
                 f"when offline pass --weights PATH to a local {spec.name} weights file"
             ) from err
 
     model = constructor(input_shape=shape, include_top=False, weights=None)
     if weights != "none":
         try:
-            model.load_weights(weights)
+            # Keras warns once per layer it cannot match before raising; the error below says it once.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model.load_weights(weights)
         except (ValueError, OSError, KeyError) as err:
-            reason = " ".join(str(err).split())[:160]
+            reason = " ".join(str(err).split()).split(". ")[0]
             raise UserError(f"--weights {weights} does not fit {spec.name} without top ({reason}); "
-                            f"give a {spec.name} include_top=False weights file") from err
+                            f"give a weights file saved from {spec.name} without its top layers") from err
     return model
 
 
