@@ -102,7 +102,7 @@ def prepare_demo_granja(work_dir: Path) -> Path:
             dogs.setdefault(path.parent.name, []).append(path)
     chosen = [name for name in sorted(dogs) if len(dogs[name]) >= DEMO_MIN_PHOTOS][:DEMO_DOGS]
     if len(chosen) < 2:
-        raise UserError(f"{archive} holds no dog folders with {DEMO_MIN_PHOTOS} photos; delete it and retry")
+        raise UserError(f"{archive} contains no dog folders with {DEMO_MIN_PHOTOS} photos; delete it and retry")
 
     staging = granja.with_name(granja.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)

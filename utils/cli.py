@@ -128,7 +128,7 @@ def setup_logging(debug: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    # TensorFlow's C++ and Python loggers are noisy at info level and say nothing a user can act on.
+    # TensorFlow's loggers are noisy at info level and report nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("h5py").setLevel(logging.WARNING)
     logging.getLogger("PIL").setLevel(logging.WARNING)

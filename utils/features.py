@@ -41,7 +41,7 @@ def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
 
 
 def head_is_only_trainable(model: keras.Model) -> bool:
-    """Return True when no layer before the head holds trainable weights."""
+    """Return True when no layer before the head has trainable weights."""
     extractor, _ = split_at_head(model)
     return not extractor.trainable_weights
 

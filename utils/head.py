@@ -60,7 +60,7 @@ def weighted_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 @dataclass(frozen=True)
 class FreezeSummary:
-    """How a freeze policy split the model's weighted layers."""
+    """Counts of trainable and frozen weighted layers after a freeze policy."""
 
     trainable: int
     frozen: int
@@ -104,12 +104,6 @@ def apply_freeze(model: keras.Model, freeze: int | None) -> FreezeSummary:
         layer.trainable = index >= frozen_count
     first = layers[frozen_count].name if frozen_count < count else None
     return FreezeSummary(trainable=count - frozen_count, frozen=frozen_count, first_trainable=first)
-
-
-def backbone_is_frozen(model: keras.Model, backbone_name: str) -> bool:
-    """Return True when no layer of the nested backbone is trainable (only the head trains)."""
-    backbone = model.get_layer(backbone_name)
-    return not any(layer.trainable for layer in weighted_layers(backbone))
 
 
 def suggest_names(name: str, candidates: Sequence[str], limit: int = 5) -> str:

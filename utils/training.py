@@ -200,7 +200,7 @@ def library_versions() -> dict[str, str]:
 
 
 def options_record(options: TrainOptions) -> dict:
-    """The options as plain JSON types."""
+    """Return the options as plain JSON types."""
     record = asdict(options)
     for key, value in record.items():
         if isinstance(value, Path):
@@ -295,8 +295,8 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
         return cached_features(cache, [digests[index] for index in indices], extractor, data.images[indices],
                                options.batch_size, **kwargs)
 
-    # Clean features of every photo in one pass; the unaugmented photo is also one of the training
-    # views, because test photos are scored unaugmented and it costs no more than an augmented view.
+    # Clean features of every photo come from one pass. The unaugmented photo is also a training
+    # view, because test photos are scored unaugmented and it costs no more than an augmented view.
     every_photo = np.arange(len(data.paths))
     clean = features(every_photo)
     train_features = clean[train_split][:, None, :]

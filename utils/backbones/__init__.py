@@ -177,7 +177,7 @@ def build_backbone(spec: BackboneSpec, input_size: int, weights: str, *, include
     model = constructor(input_shape=shape, include_top=False, weights=None)
     if weights != "none":
         try:
-            # Keras warns once per layer it cannot match before raising; the error below says it once.
+            # Keras warns once per layer it cannot match before raising, so the error below reports it once.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model.load_weights(weights)
