@@ -94,14 +94,6 @@ def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
-def check_photos(photos: Sequence[Path]) -> None:
-    """Decode every photo once, so that a broken file stops the run before the model loads."""
-    from utils.images import load_rgb
-
-    for path in photos:
-        load_rgb(path)
-
-
 def resolve_class(class_name: str | None, class_names: Sequence[str], labels_path: Path) -> int | None:
     """Return the index of ``--class``, or None when it is not given."""
     if class_name is None:
@@ -227,12 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not interactive:
         matplotlib.use("Agg")
 
-    from utils.images import expand_photos
     from utils import artifacts
+    from utils.images import expand_photos, load_given_photos, load_rgb
 
-    photos = expand_photos(args.img)
-    figure_folder, single_file = output_folder(args, len(photos))
-    check_photos(photos)
+    figure_folder, single_file = output_folder(args, len(expand_photos(args.img)))
+    # Decode every photo once before the model loads: a broken file named on the command line
+    # stops the run, a broken photo inside a folder is skipped with a warning.
+    photos, _ = load_given_photos(args.img, lambda path: load_rgb(path).shape)
 
     # Flags that only need training.json are checked before the model loads.
     trained = artifacts.load_trained(args.models_dir, args.granja, load_model=False)

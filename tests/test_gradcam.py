@@ -1,6 +1,7 @@
 """Grad-CAM heat maps: the maths, a model whose class depends on a known region, every backbone, dog faces, the CLI."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -350,6 +351,20 @@ def test_folder_one_figure_each(trained_granja, monkeypatch, capsys):
         assert path.endswith(f"_{class_name}.png")
         with Image.open(path) as figure:
             assert figure.format == "PNG"
+
+
+def test_folder_skips_a_broken_photo(trained_granja, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(trained_granja / "dataset" / "farm" / "Peluchín", folder)
+    (folder / "empty.jpg").write_bytes(b"")
+    capsys.readouterr()
+
+    code = cli.run(grad_CAM.main, gradcam_args(trained_granja, "--img", str(folder), "--out", str(tmp_path / "out")))
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert len(captured.out.splitlines()) == len(list(folder.glob("P*.jpg")))
+    assert [line for line in captured.err.splitlines() if "empty.jpg" in line][0].startswith("WARNING")
 
 
 def test_class_flag_explains_that_class(trained_granja, capsys):

@@ -58,8 +58,8 @@ def trained_farm(tmp_path_factory):
 
 def test_training_writes_model_files(trained_farm):
     folder = trained_farm / "models" / "farm"
-    assert sorted(path.name for path in folder.iterdir()) == ["labels.json", "model.keras", "split.json",
-                                                               "training.json"]
+    assert sorted(path.name for path in folder.iterdir()) == ["inference.pb", "labels.json", "model.keras",
+                                                               "split.json", "training.json"]
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     assert labels == {name: index for index, name in enumerate(sorted(CLASSES))}
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
@@ -121,6 +121,64 @@ def test_testing_rejects_broken_photo(trained_farm, tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert "broken.jpg" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_testing_skips_broken_photo_in_folder(trained_farm, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(trained_farm / "dataset" / "farm" / "rex", folder)
+    (folder / "cut.jpg").write_bytes((folder / "ñandú 0.jpg").read_bytes()[:200])
+    result = subprocess.run([sys.executable, "testing.py", "-ng", "farm", "--models-dir",
+                             str(trained_farm / "models"), "--img", str(folder)],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)) == 6
+    warnings = [line for line in result.stderr.splitlines() if "cut.jpg" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0]
+
+
+def test_frozen_graph_scores_like_the_keras_model(trained_farm):
+    from utils.artifacts import load_scorer, load_trained
+    from utils.features import split_at_head
+    from utils.inference import GraphScorer
+
+    trained = load_trained(trained_farm / "models", "farm")
+    scorer = load_scorer(trained, batch_size=4)
+    assert isinstance(scorer, GraphScorer)
+    images = np.random.default_rng(1).integers(0, 256, size=(9, 32, 32, 3)).astype(np.float32)
+    scores = scorer(images)
+    extractor, _ = split_at_head(trained.model)
+    np.testing.assert_allclose(scores.probabilities, trained.model(images, training=False), atol=1e-5)
+    np.testing.assert_allclose(scores.embeddings, extractor(images, training=False), atol=1e-4)
+
+
+def test_changed_model_file_is_scored_without_the_graph(trained_farm, tmp_path, capsys):
+    from utils.artifacts import load_keras_model, save_model_atomic
+
+    shutil.copytree(trained_farm / "models", tmp_path / "models")
+    model_path = tmp_path / "models" / "farm" / "model.keras"
+    model = load_keras_model(model_path)
+    out = model.get_layer("out")
+    kernel, bias = out.get_weights()
+    out.set_weights([kernel, bias + np.array([0.0, 0.0, 50.0], dtype=np.float32)])
+    save_model_atomic(model, model_path)
+
+    photo = trained_farm / "dataset" / "farm" / "rex" / "ñandú 0.jpg"
+    capsys.readouterr()
+    assert testing.main(["-ng", "farm", "--models-dir", str(tmp_path / "models"), "--img", str(photo)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[sorted(CLASSES)[2]] > 0.99
+    assert "inference.pb does not match" in captured.err
+
+
+def test_model_without_graph_still_scores(trained_farm, tmp_path, capsys):
+    shutil.copytree(trained_farm / "models", tmp_path / "models")
+    (tmp_path / "models" / "farm" / "inference.pb").unlink()
+    photo = trained_farm / "dataset" / "farm" / "rex" / "ñandú 0.jpg"
+    capsys.readouterr()
+    assert testing.main(["-ng", "farm", "--models-dir", str(tmp_path / "models"), "--img", str(photo)]) == 0
+    captured = capsys.readouterr()
+    assert "WARNING" not in captured.err
+    assert json.loads(captured.out) == score(trained_farm, capsys, photo)
 
 
 def test_testing_missing_model(tmp_path):

@@ -5,11 +5,15 @@
 - ``training.json``: backbone, weights, input size, preprocessing, pooling, class names in index
   order, split sizes, hyper-parameters, metrics and library versions, with a format version.
 - ``split.json``: which photo went to train, validation and test.
+- ``inference.pb``: the same network frozen into a TensorFlow graph, which loads faster than
+  ``model.keras``; ``training.json`` records the SHA-256 of both files, and ``load_scorer``
+  falls back to ``model.keras`` when they no longer match.
 
-A training run writes all four into a staging folder and then swaps whole folders, so a crash
+A training run writes all five into a staging folder and then swaps whole folders, so a crash
 leaves either the previous set or the new one, never a mix.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +33,7 @@ MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.json"
 TRAINING_FILE = "training.json"
 SPLIT_FILE = "split.json"
+INFERENCE_FILE = "inference.pb"
 CACHE_FOLDER = "cache"
 
 
@@ -193,19 +198,68 @@ def load_trained(models_dir: Path, granja: str, *, load_model: bool = True) -> T
     trained = TrainedGranja(folder=folder, metadata=metadata, class_names=class_names)
 
     if load_model:
-        trained.model = load_keras_model(folder / MODEL_FILE)
-        layer_names = [layer.name for layer in trained.model.layers]
-        expected = metadata.get("backbone_layer")
-        if expected not in layer_names:
-            nested = [layer.name for layer in trained.model.layers if hasattr(layer, "layers")]
-            raise UserError(f"{folder / TRAINING_FILE} names backbone {metadata.get('backbone')!r} (layer "
-                            f"{expected!r}) but {folder / MODEL_FILE} holds {', '.join(nested) or 'another network'}; "
-                            "retrain the granja or restore its files together")
-        outputs = trained.model.output_shape[-1]
-        if outputs != len(class_names):
-            raise UserError(f"{folder / MODEL_FILE} scores {outputs} classes but {folder / LABELS_FILE} "
-                            f"lists {len(class_names)}; retrain the granja or restore its files together")
+        trained.model = load_checked_model(trained)
     return trained
+
+
+def load_checked_model(trained: TrainedGranja):
+    """Load ``model.keras`` and check it against ``training.json`` and ``labels.json``."""
+    folder, metadata, class_names = trained.folder, trained.metadata, trained.class_names
+    model = load_keras_model(folder / MODEL_FILE)
+    layer_names = [layer.name for layer in model.layers]
+    expected = metadata.get("backbone_layer")
+    if expected not in layer_names:
+        nested = [layer.name for layer in model.layers if hasattr(layer, "layers")]
+        raise UserError(f"{folder / TRAINING_FILE} names backbone {metadata.get('backbone')!r} (layer "
+                        f"{expected!r}) but {folder / MODEL_FILE} holds {', '.join(nested) or 'another network'}; "
+                        "retrain the granja or restore its files together")
+    outputs = model.output_shape[-1]
+    if outputs != len(class_names):
+        raise UserError(f"{folder / MODEL_FILE} scores {outputs} classes but {folder / LABELS_FILE} "
+                        f"lists {len(class_names)}; retrain the granja or restore its files together")
+    return model
+
+
+def write_inference_graph(model, folder: Path, backbone_layer: str) -> dict:
+    """Freeze ``model`` (already saved as ``folder/model.keras``) into ``folder/inference.pb``.
+
+    Returns the record that ``training.json`` keeps under ``inference_graph``.
+    """
+    from utils.inference import file_sha256, freeze_graph
+
+    graph_bytes, signature = freeze_graph(model)
+    atomic_write_bytes(folder / INFERENCE_FILE, graph_bytes)
+    return {"file": INFERENCE_FILE, "sha256": hashlib.sha256(graph_bytes).hexdigest(),
+            "model_sha256": file_sha256(folder / MODEL_FILE), "classes": int(model.output_shape[-1]),
+            "backbone_layer": backbone_layer, **signature}
+
+
+def load_scorer(trained: TrainedGranja, batch_size: int = 32):
+    """Return a callable that scores photos: the frozen graph when it matches ``model.keras``.
+
+    Without a matching graph (a model trained before graphs were written, or a ``model.keras``
+    replaced by hand) the scorer loads ``model.keras`` itself, with a warning when a graph exists.
+    """
+    from utils.inference import GraphScorer, KerasScorer, file_sha256
+
+    folder = trained.folder
+    record = trained.metadata.get("inference_graph")
+    graph_path = folder / INFERENCE_FILE
+    model_path = folder / MODEL_FILE
+    if record and graph_path.is_file() and model_path.is_file():
+        graph_bytes = graph_path.read_bytes()
+        same_files = (hashlib.sha256(graph_bytes).hexdigest() == record.get("sha256")
+                      and file_sha256(model_path) == record.get("model_sha256"))
+        # When training.json or labels.json disagree with the frozen network, loading model.keras
+        # below raises the error that names both sides.
+        if (same_files and record.get("classes") == len(trained.class_names)
+                and record.get("backbone_layer") == trained.metadata.get("backbone_layer")):
+            return GraphScorer(graph_bytes, record, batch_size=batch_size)
+        if not same_files:
+            logger.warning("%s does not match %s (one of them changed after training); scoring with %s, "
+                           "which loads more slowly", graph_path, model_path, model_path.name)
+    trained.model = trained.model or load_checked_model(trained)
+    return KerasScorer(trained.model, batch_size=batch_size)
 
 
 def load_keras_model(path: Path):

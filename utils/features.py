@@ -32,7 +32,7 @@ def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     """
     layers = model.layers
     start = next(index for index, layer in enumerate(layers) if isinstance(layer, keras.layers.Dense))
-    extractor = keras.Model(model.inputs, layers[start].input, name="feature_extractor")
+    extractor = keras.Model(model.inputs[0], layers[start].input, name="feature_extractor")
     features = keras.Input(shape=tuple(extractor.output.shape[1:]), name="features")
     x = features
     for layer in layers[start:]:

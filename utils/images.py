@@ -1,13 +1,16 @@
 """Photo files: which names are photos, and decoding any of them to one RGB array."""
 
+import logging
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 # Lower-case suffixes read as photos; the letter case of a file name does not matter.
 PHOTO_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -111,3 +114,34 @@ def expand_photos(paths: Sequence[Path]) -> list[Path]:
         else:
             raise UserError(f"--img not found: {path}; give a photo file or a folder of photos")
     return photos
+
+
+def load_given_photos(paths: Sequence[Path], loader: Callable[[Path], object]) -> tuple[list[Path], list]:
+    """Expand ``--img`` paths like ``expand_photos`` and decode each photo with ``loader``.
+
+    A file named on the command line that does not decode stops the run. A photo found inside a
+    folder that does not decode is skipped with a warning naming it, so one broken file does not
+    block a folder of good ones.
+
+    Returns:
+        ``(photos, loaded)``: the photos that decoded and what ``loader`` returned for each.
+    """
+    photos, loaded = [], []
+    for path in paths:
+        if not path.is_dir():
+            photos.extend(expand_photos([path]))
+            loaded.append(loader(path))
+            continue
+        found = expand_photos([path])
+        skipped = 0
+        for photo in found:
+            try:
+                loaded.append(loader(photo))
+            except UnreadableImageError as err:
+                logger.warning("skipping a photo: %s", err)
+                skipped += 1
+                continue
+            photos.append(photo)
+        if skipped == len(found):
+            raise UserError(f"none of the {len(found)} photos in folder {path} decodes; replace or remove them")
+    return photos, loaded

@@ -531,6 +531,7 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
         "versions": library_versions(),
     }
     artifacts.save_model_atomic(model, staging / artifacts.MODEL_FILE)
+    metadata["inference_graph"] = artifacts.write_inference_graph(model, staging, backbone.name)
     artifacts.atomic_write_json(staging / artifacts.LABELS_FILE,
                                 {name: index for index, name in enumerate(data.class_names)}, sort_keys=False)
     artifacts.atomic_write_json(staging / artifacts.TRAINING_FILE, metadata)
