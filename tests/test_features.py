@@ -1,6 +1,8 @@
 """The cached-feature training path, the feature cache and distributed training."""
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
@@ -145,7 +147,7 @@ images = rng.uniform(0, 0.3, size=(120, 16, 16, 3)).astype("float32")
 images[np.arange(120), :, :, labels] += 0.7
 for name in ("none", "mirrored"):
     keras.utils.set_random_seed(1)
-    with distribution_scope(name):
+    with distribution_scope(name, 16):
         model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, activation="relu"),
                                   keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, activation="softmax")])
         model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy",
@@ -173,3 +175,76 @@ def test_multiworker_needs_tf_config(tmp_path, monkeypatch):
                             cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert "TF_CONFIG" in result.stderr
+
+
+MIRRORED_TRAINING = TWO_CPUS + """
+sys.path.insert(0, {tests!r})
+import training
+sys.exit(training.main({args!r}))
+"""
+
+
+@pytest.mark.parametrize("path_flags", [(), ("--no-cache",)])
+def test_mirrored_training_with_uneven_splits(tmp_path, path_flags):
+    # 7 photos per class: 3 validation and 3 test photos, which do not split across 2 replicas.
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=7)
+    args = train_args(tmp_path, "--strategy", "mirrored", "-m", "mobilenetv2", "--weights", "none",
+                      "--input-size", "32", "-e", "2", "-bs", "4", "--hidden", "8", *path_flags)
+    result = subprocess.run([sys.executable, "-c", MIRRORED_TRAINING.format(repo=str(REPO), tests=str(REPO / "tests"),
+                                                                            args=args)],
+                            cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MirroredStrategy on 2 replicas" in result.stderr
+    record = read_record(tmp_path)
+    assert record["split_sizes"] == {"train": 15, "val": 3, "test": 3}
+    runs = list((tmp_path / "logs" / "farm").iterdir())
+    report = json.loads((runs[0] / "classification_report.json").read_text(encoding="utf-8"))
+    assert report["macro avg"]["support"] == 3
+
+
+def test_mirrored_rejects_batch_that_does_not_split(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=4)
+    args = train_args(tmp_path, "--strategy", "mirrored", "-m", "mobilenetv2", "--weights", "none",
+                      "--input-size", "32", "-bs", "5")
+    code = TWO_CPUS.format(repo=str(REPO)) + f"from utils import cli\nimport training\n" \
+        f"sys.exit(cli.run(training.main, {args!r}))\n"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --batch-size 5 does not split evenly across the 2 replicas of --strategy mirrored; "
+        "pass a multiple of 2, for example 4")
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def test_multiworker_cluster_of_two_processes(tmp_path):
+    """Two workers on this machine, talking over localhost, train one model; the chief saves it."""
+    make_granja(tmp_path / "dataset" / "farm", photos_per_class=7)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "training.py", *train_args(tmp_path, "--strategy", "multiworker", "-m", "mobilenetv2",
+                                                        "--weights", "none", "--input-size", "32", "-e", "3",
+                                                        "-bs", "4", "--hidden", "8")],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    for worker, (_, stderr) in zip(workers, outputs):
+        assert worker.returncode == 0, stderr[-3000:]
+    assert "CollectiveAllReduceStrategy on 2 replicas" in outputs[0][1]
+    # Both workers computed the same synchronised metrics and the same test scores.
+    finals = [[line for line in stdout.splitlines() if line.startswith("test accuracy")][0] for stdout, _ in outputs]
+    assert finals[0].split(";")[0] == finals[1].split(";")[0]
+    assert str(tmp_path / "models" / "farm" / "model.keras") in finals[0]
+    # Only the chief's files remain; the other worker's scratch folder is gone.
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == [".farm.lock", "farm"]
+    assert (tmp_path / "models" / "farm" / "inference.pb").is_file()

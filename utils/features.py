@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from utils.augment import AugmentConfig, build_augmenter
+from utils.pipeline import pad_for_replicas, replica_count
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,10 @@ def compute_features(extractor: keras.Model, images: np.ndarray, batch_size: int
     if len(images) == 0:
         shape = (0, views, *extractor.output.shape[1:]) if augment else (0, *extractor.output.shape[1:])
         return np.zeros(shape, dtype=np.float32)
+    count = len(images)
+    replicas = replica_count()
+    if replicas > 1:
+        images = images[pad_for_replicas(count, replicas)]
 
     def run(dataset: tf.data.Dataset) -> np.ndarray:
         return extractor.predict(dataset.prefetch(tf.data.AUTOTUNE), verbose=0).astype(np.float32)
@@ -127,7 +132,7 @@ def compute_features(extractor: keras.Model, images: np.ndarray, batch_size: int
     clean = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).map(
         lambda x: tf.cast(x, tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is None:
-        return run(clean)
+        return run(clean)[:count]
 
     # One pass over the photos repeated ``views`` times, through one augmenter whose random state
     # advances from batch to batch, so every view differs. Tracing the augmentation graph once
@@ -135,7 +140,7 @@ def compute_features(extractor: keras.Model, images: np.ndarray, batch_size: int
     augmenter = build_augmenter(augment, seed=seed)
     augmented = clean.repeat(views).map(lambda x: augmenter(x, training=True))
     stacked = run(augmented).reshape(views, len(images), -1)
-    return np.ascontiguousarray(stacked.transpose(1, 0, 2))
+    return np.ascontiguousarray(stacked.transpose(1, 0, 2)[:count])
 
 
 def cached_features(cache: FeatureCache | None, digests: Sequence[str], extractor: keras.Model,
@@ -156,7 +161,7 @@ def cached_features(cache: FeatureCache | None, digests: Sequence[str], extracto
 
 
 def view_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, batch_size: int, *,
-                 seed: int) -> tf.data.Dataset:
+                 seed: int, drop_remainder: bool = False) -> tf.data.Dataset:
     """Training batches that draw one random view of each photo per epoch, shuffled."""
     views = features.shape[1]
     dataset = tf.data.Dataset.from_tensor_slices((features, labels))
@@ -167,7 +172,7 @@ def view_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int, bat
         view = generator.uniform((), 0, views, dtype=tf.int32)
         return tf.gather(stack, view), tf.one_hot(label, num_classes)
 
-    return dataset.map(pick).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return dataset.map(pick).batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 
 
 def feature_dataset(features: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -5,7 +5,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -254,24 +253,37 @@ def _compile(model, options: TrainOptions) -> None:
                   metrics=["accuracy"])
 
 
+def _run_fit(model, train_data, val_data, options: TrainOptions, callbacks: list):
+    """Run Keras's fit(), or under MultiWorkerMirroredStrategy the loop that replaces it."""
+    if options.strategy == "multiworker":
+        from utils.distributed import fit_multiworker
+
+        return fit_multiworker(model, train_data, val_data, epochs=options.epochs, callbacks=callbacks,
+                               verbose=options.verbose)
+    return model.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
+                     callbacks=callbacks, verbose=options.verbose)
+
+
 def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
                checkpoint: Path, cache_key: dict):
     """Fit the whole model on augmented photos; returns the history and test probabilities."""
-    from utils.pipeline import make_dataset
+    from utils.pipeline import make_dataset, pad_for_replicas, replica_count, training_batch
 
     num_classes = len(data.class_names)
+    replicas = replica_count()
     train_split, val_split, test_split = (data.split[name] for name in SPLIT_NAMES)
-    train_data = make_dataset(data.images[train_split], data.labels[train_split], num_classes,
-                              options.batch_size, shuffle=True, augment=options.augment, seed=options.seed,
-                              drop_remainder=options.strategy != "none" and len(train_split) > options.batch_size)
+    train_batch, drop_remainder = training_batch(len(train_split), options.batch_size, replicas)
+    train_data = make_dataset(data.images[train_split], data.labels[train_split], num_classes, train_batch,
+                              shuffle=True, augment=options.augment, seed=options.seed, drop_remainder=drop_remainder)
+    val_split = np.asarray(val_split)[pad_for_replicas(len(val_split), replicas)]
     val_data = make_dataset(data.images[val_split], data.labels[val_split], num_classes, options.batch_size)
     _compile(model, options)
-    history = model.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
-                        callbacks=_callbacks(options, model, run_folder, checkpoint), verbose=options.verbose)
+    history = _run_fit(model, train_data, val_data, options, _callbacks(options, model, run_folder, checkpoint))
 
     # EarlyStopping restored the best epoch's weights; the test split is used only here.
-    test_data = make_dataset(data.images[test_split], data.labels[test_split], num_classes, options.batch_size)
-    return history, model.predict(test_data, verbose=0), {}
+    padded = np.asarray(test_split)[pad_for_replicas(len(test_split), replicas)]
+    test_data = make_dataset(data.images[padded], data.labels[padded], num_classes, options.batch_size)
+    return history, model.predict(test_data, verbose=0)[:len(test_split)], {}
 
 
 def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
@@ -279,6 +291,7 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
     """Fit only the head on cached backbone features; returns the history and test probabilities."""
     from utils.features import (FeatureCache, cached_features, feature_dataset, photo_digest, split_at_head,
                                 view_dataset, weights_identity)
+    from utils.pipeline import pad_for_replicas, replica_count, training_batch
 
     extractor, head = split_at_head(model)
     cache_root = options.cache_dir or options.models_dir / options.granja / artifacts.CACHE_FOLDER
@@ -308,23 +321,29 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
     logger.info("backbone features: %d entries read from the cache, %d computed, in %.1f s (%s)",
                 cache.hits, cache.misses, time.monotonic() - started, cache.folder)
 
-    train_data = view_dataset(train_features, data.labels[train_split], num_classes, options.batch_size,
-                              seed=options.seed)
-    val_data = feature_dataset(val_features, data.labels[val_split], num_classes, options.batch_size)
+    replicas = replica_count()
+    train_batch, drop_remainder = training_batch(len(train_split), options.batch_size, replicas)
+    train_data = view_dataset(train_features, data.labels[train_split], num_classes, train_batch,
+                              seed=options.seed, drop_remainder=drop_remainder)
+    val_padding = pad_for_replicas(len(val_split), replicas)
+    val_data = feature_dataset(val_features[val_padding], data.labels[val_split][val_padding], num_classes,
+                               options.batch_size)
     _compile(head, options)
-    history = head.fit(train_data, validation_data=val_data, epochs=options.epochs, shuffle=False,
-                       callbacks=_callbacks(options, model, run_folder, checkpoint), verbose=options.verbose)
-    test_data = feature_dataset(test_features, data.labels[test_split], num_classes, options.batch_size)
+    history = _run_fit(head, train_data, val_data, options, _callbacks(options, model, run_folder, checkpoint))
+    test_padding = pad_for_replicas(len(test_split), replicas)
+    test_data = feature_dataset(test_features[test_padding], data.labels[test_split][test_padding], num_classes,
+                                options.batch_size)
     counts = {"features_read": cache.hits, "features_computed": cache.misses}
-    return history, head.predict(test_data, verbose=0), counts
+    return history, head.predict(test_data, verbose=0)[:len(test_split)], counts
 
 
-def distribution_scope(name: str):
+def distribution_scope(name: str, batch_size: int):
     """Return the scope that variables are created in: a tf.distribute strategy's, or a no-op.
 
     ``mirrored`` replicates the model on every visible GPU, or on every logical CPU device when
     there is no GPU (tests configure several). ``multiworker`` reads the cluster from the standard
-    ``TF_CONFIG`` environment variable.
+    ``TF_CONFIG`` environment variable. Every batch is split evenly across the replicas, so
+    ``batch_size`` must be a multiple of their number.
     """
     import contextlib
 
@@ -332,9 +351,6 @@ def distribution_scope(name: str):
 
     if name == "none":
         return contextlib.nullcontext()
-    # NOTE: with two logical CPU devices, training.py on a granja whose validation split does not
-    # divide evenly across the replicas failed in fit() with an AddN shape error (TensorFlow 2.21,
-    # Keras 3.15); only training batches are evened out, by dropping the last one.
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
@@ -345,7 +361,12 @@ def distribution_scope(name: str):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
         raise UserError(f"--strategy must be one of none, mirrored, multiworker (got {name!r})")
-    logger.info("training with %s on %d replicas", type(strategy).__name__, strategy.num_replicas_in_sync)
+    replicas = strategy.num_replicas_in_sync
+    if batch_size % replicas:
+        raise UserError(f"--batch-size {batch_size} does not split evenly across the {replicas} replicas of "
+                        f"--strategy {name}; pass a multiple of {replicas}, for example "
+                        f"{max(replicas, batch_size // replicas * replicas)}")
+    logger.info("training with %s on %d replicas", type(strategy).__name__, replicas)
     return strategy.scope()
 
 
@@ -362,6 +383,12 @@ def is_chief() -> bool:
     if task.get("type") == "chief":
         return True
     return "chief" not in cluster and task.get("type") == "worker" and int(task.get("index", 0)) == 0
+
+
+def worker_task() -> str:
+    """This process's task in TF_CONFIG, as ``type-index`` (for example ``worker-1``)."""
+    task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
+    return f"{task.get('type', 'worker')}-{int(task.get('index', 0))}"
 
 
 def resume_folder(options: TrainOptions) -> Path:
@@ -411,9 +438,12 @@ def train(options: TrainOptions) -> dict:
     """
     from utils.backbones import get_spec, resolve_weights
 
+    scratch = None
     if options.strategy == "multiworker" and not is_chief():
         # Every worker runs the same program; only the chief writes the granja's files and logs.
-        scratch = Path(tempfile.mkdtemp(prefix="granja-worker-"))
+        # The others write theirs (and their --resume backups) to a folder of their own, removed
+        # when training ends.
+        scratch = options.models_dir / f".{options.granja}.{worker_task()}"
         logger.info("non-chief worker: writing models and logs under %s", scratch)
         options = replace(options, models_dir=scratch / "models", logs_dir=scratch / "logs")
 
@@ -425,7 +455,10 @@ def train(options: TrainOptions) -> dict:
         if options.input_size < spec.min_input_size:
             raise UserError(f"--input-size {options.input_size} is too small for {spec.name}; "
                             f"use at least {spec.min_input_size}")
-        return _train_locked(options, spec, weights, fixed_split, run_folder)
+        result = _train_locked(options, spec, weights, fixed_split, run_folder)
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
 
 
 def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict | None, run_folder: Path) -> dict:
@@ -437,7 +470,7 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
     # Cheap checks first: the folder layout, then the weights file, then decoding every photo.
     scan = scan_granja(options.dataset_dir / options.granja)
     keras.utils.set_random_seed(options.seed)
-    with distribution_scope(options.strategy):
+    with distribution_scope(options.strategy, options.batch_size):
         backbone = build_backbone(spec, options.input_size, weights, include_top=options.include_top)
         data = prepare_data(options, scan, fixed_split)
         model = build_classifier(backbone, input_size=options.input_size, preprocessing=spec.preprocessing,
