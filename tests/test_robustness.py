@@ -1,5 +1,6 @@
 """Bad folders, broken model files, interruptions, concurrent runs and reproducibility of training."""
 
+import csv
 import json
 import signal
 import subprocess
@@ -25,6 +26,9 @@ def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr[-2000:]
+    # Progress lines are held back and dropped; only warnings may come before the error.
+    others = [line for line in result.stderr.splitlines() if not line.startswith(("error:", "WARNING:"))]
+    assert not others, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0]
@@ -169,6 +173,16 @@ def test_ctrl_c_then_resume(tmp_path):
     split_after = json.loads((tmp_path / "models" / "farm" / "split.json").read_text(encoding="utf-8"))
     assert split_after == split_before
     assert not (tmp_path / "models" / ".farm.resume").exists()
+
+    # Early stopping carries its best val_loss over the interruption, and the record covers the
+    # epochs before it too.
+    assert "early stopping resumes at best val_loss" in result.stderr
+    run = next((tmp_path / "logs" / "farm").iterdir())
+    with open(run / "epochs.csv", newline="", encoding="utf-8") as stream:
+        val_losses = [float(row["val_loss"]) for row in csv.DictReader(stream)]
+    metrics = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))["metrics"]
+    assert metrics["epochs_run"] == 6
+    assert metrics["best_epoch"] == val_losses.index(min(val_losses)) + 1
 
 
 def test_resume_without_backup(tmp_path):

@@ -1,9 +1,11 @@
 """Command-line helpers shared by the four scripts: flag types, logging and the error exit."""
 
 import argparse
+import atexit
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -120,14 +122,57 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug messages")
 
 
+class DeferredInfoHandler(logging.StreamHandler):
+    """A stderr handler that holds back progress records for the first seconds of a run.
+
+    Most user errors (a missing folder, a class too small, a file that disagrees) are found within
+    seconds. Holding back INFO records until then lets ``run`` drop them, so the error is the only
+    line on stderr besides warnings, which are written at once. The end of the window (a timer) or
+    a normal exit writes the held records.
+    """
+
+    def __init__(self, stream, window: float):
+        super().__init__(stream)
+        self._held: list[logging.LogRecord] | None = []
+        self._timer = threading.Timer(window, self.write_held)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock:
+            if self._held is not None and record.levelno < logging.WARNING:
+                self._held.append(record)
+                return
+        super().emit(record)
+
+    def write_held(self) -> None:
+        """Write the held records and stop holding new ones."""
+        with self.lock:
+            held, self._held = self._held, None
+            for record in held or []:
+                super().emit(record)
+        self._timer.cancel()
+
+    def drop_held(self) -> None:
+        """Drop the held records (a user error is about to be reported) and stop holding."""
+        with self.lock:
+            self._held = None
+        self._timer.cancel()
+
+
+# Seconds during which progress records are held back; see DeferredInfoHandler.
+INFO_HOLD_SECONDS = 3.0
+_release_registered: list[bool] = []
+
+
 def setup_logging(debug: bool = False) -> None:
     """Send log records to stderr, so that stdout carries only a script's result."""
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(levelname)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    handler = logging.StreamHandler(sys.stderr) if debug else DeferredInfoHandler(sys.stderr, INFO_HOLD_SECONDS)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
+    if not _release_registered:
+        atexit.register(_release_held_records)
+        _release_registered.append(True)
     # TensorFlow's loggers are noisy at info level and report nothing a user can act on.
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     logging.getLogger("h5py").setLevel(logging.WARNING)
@@ -163,6 +208,20 @@ def quiet_tensorflow() -> None:
         os.close(saved)
 
 
+def _deferred_handlers() -> list[DeferredInfoHandler]:
+    return [handler for handler in logging.getLogger().handlers if isinstance(handler, DeferredInfoHandler)]
+
+
+def _release_held_records() -> None:
+    for handler in _deferred_handlers():
+        handler.write_held()
+
+
+def _discard_held_records() -> None:
+    for handler in _deferred_handlers():
+        handler.drop_held()
+
+
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main`` and turn user errors and Ctrl-C into exit codes.
 
@@ -177,10 +236,13 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
     except UserError as err:
         if debug:
             logger.exception("user error")
+        else:
+            _discard_held_records()
         message = " ".join(str(err).split())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
+        _release_held_records()
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -188,4 +250,5 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         # Python's exit-time flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    _release_held_records()
     return 0 if code is None else int(code)

@@ -165,7 +165,8 @@ def check_class_sizes(photos: dict[str, list[Path]], min_images: int | None) -> 
     if min_images is not None:
         dropped = {name: len(paths) for name, paths in photos.items() if len(paths) < min_images}
         for name, count in dropped.items():
-            logger.warning("dropping class %r: %d photos, fewer than --min-images %d", name, count, min_images)
+            logger.warning("dropping class %r: %d photo%s, fewer than --min-images %d", name, count,
+                           "" if count == 1 else "s", min_images)
             del kept[name]
 
     too_small = {name: len(paths) for name, paths in kept.items() if len(paths) < MIN_PHOTOS_TO_SPLIT}

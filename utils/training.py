@@ -1,5 +1,7 @@
 """One training run: photos to split, backbone and head, fit, test reports and saved files."""
 
+import csv
+import io
 import json
 import logging
 import os
@@ -233,14 +235,48 @@ class SaveBestModel(keras.callbacks.Callback):
             artifacts.save_model_atomic(self.model_to_save, self.path)
 
 
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose progress (best loss, epochs without improvement, best weights) survives
+    an interruption: it is written to ``folder`` after every epoch and read back on ``--resume``."""
+
+    def __init__(self, folder: Path, resume: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = folder / "early_stopping.json"
+        self.weights_path = folder / "early_stopping_best.npz"
+        self.resume = resume
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if not (self.resume and self.state_path.is_file()):
+            return
+        state = json.loads(self.state_path.read_text(encoding="utf-8"))
+        self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+        if self.restore_best_weights and self.weights_path.is_file():
+            with np.load(self.weights_path) as saved:
+                self.best_weights = [saved[f"w{index}"] for index in range(len(saved.files))]
+        logger.info("early stopping resumes at best val_loss %.4f (epoch %d), %d epochs without improvement",
+                    self.best, self.best_epoch + 1, self.wait)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.best is None:
+            return
+        if self.best_weights is not None and self.best_epoch == epoch:
+            buffer = io.BytesIO()
+            np.savez(buffer, **{f"w{index}": array for index, array in enumerate(self.best_weights)})
+            artifacts.atomic_write_bytes(self.weights_path, buffer.getvalue())
+        artifacts.atomic_write_json(self.state_path, {"wait": self.wait, "best": float(self.best),
+                                                      "best_epoch": self.best_epoch})
+
+
 def _callbacks(options: TrainOptions, model, run_folder: Path, checkpoint: Path) -> list:
     # BackupAndRestore stores the fitted model and optimizer after every epoch, so --resume restarts
     # from the last completed one; it deletes its backup when fit() completes.
     backup = resume_folder(options) / "backup"
     return [
         keras.callbacks.BackupAndRestore(str(backup)),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=options.patience,
-                                      restore_best_weights=True, verbose=1),
+        ResumableEarlyStopping(resume_folder(options), options.resume, monitor="val_loss",
+                               patience=options.patience, restore_best_weights=True, verbose=1),
         SaveBestModel(model, checkpoint),
         keras.callbacks.TensorBoard(log_dir=str(run_folder), update_freq="batch", write_graph=True),
         keras.callbacks.CSVLogger(str(run_folder / "epochs.csv"), append=options.resume),
@@ -525,14 +561,15 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
     reports.write_classification_report(report, run_folder)
     reports.write_confusion_matrix(reports.confusion_matrix(y_true, y_pred, len(data.class_names)),
                                    data.class_names, run_folder)
-    reports.write_learning_curves(history.history, run_folder)
+    epochs = _whole_run_history(history.history, run_folder, options.resume)
+    reports.write_learning_curves(epochs, run_folder)
 
-    val_losses = history.history.get("val_loss", [])
+    val_losses = epochs.get("val_loss", [])
     metrics = {
         "test_accuracy": round(float(report["accuracy"]), 6),
         "test_loss": round(_cross_entropy(y_true, probabilities), 6),
         "best_epoch": int(np.argmin(val_losses)) + 1 if val_losses else None,
-        "epochs_run": len(history.history.get("loss", [])),
+        "epochs_run": len(epochs.get("loss", [])),
         "best_val_loss": round(float(min(val_losses)), 6) if val_losses else None,
         "train_seconds": round(seconds, 1),
         "training_path": "cached_features" if use_cache else "plain",
@@ -578,6 +615,17 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
           f"({len(data.skipped)} photos skipped, {data.ignored} other files ignored); "
           f"model saved to {options.models_dir / options.granja / artifacts.MODEL_FILE}; reports in {run_folder}")
     return {**metrics, "run_folder": str(run_folder), "metadata": metadata}
+
+
+def _whole_run_history(history: dict, run_folder: Path, resumed: bool) -> dict[str, list[float]]:
+    """Per-epoch metrics of the whole run: after ``--resume``, fit() only knows the epochs since
+    the resume, while ``epochs.csv`` (appended to) holds them all."""
+    log = run_folder / "epochs.csv"
+    if not resumed or not log.is_file():
+        return history
+    with open(log, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
 
 
 def _cross_entropy(labels: np.ndarray, probabilities: np.ndarray) -> float:
