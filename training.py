@@ -11,6 +11,7 @@ logs/<granja>/<YYYYmmdd-HHMMSS>/. Example:
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from utils import cli
 
@@ -110,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--patience", type=cli.positive_int, default=5,
                           help="epochs without a lower validation loss before early stopping")
 
+    unknown = parser.add_argument_group("unknown animals")
+    unknown.add_argument("--accept-rate", type=cli.accept_rate, default=0.95, metavar="R",
+                         help="share of known validation photos the unknown-animal threshold accepts")
+    unknown.add_argument("--unknown-dir", type=Path, default=None, metavar="DIR",
+                         help="folders of animals that are not in the granja: report how well they are flagged "
+                              "as unknown (AUROC, shares flagged) on the test split plus these photos")
+
     augment = parser.add_argument_group("augmentation (training split only)")
     defaults = AugmentConfig()
     augment.add_argument("--rotation", type=float, default=defaults.rotation, metavar="DEG",
@@ -136,6 +144,9 @@ def options_from_args(args: argparse.Namespace):
     if args.val_fraction <= 0 or args.test_fraction <= 0 or args.val_fraction + args.test_fraction >= 1:
         raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
                         "above 0 and add up to less than 1, leaving photos to train on")
+    if args.unknown_dir is not None and not args.unknown_dir.is_dir():
+        raise UserError(f"--unknown-dir {args.unknown_dir} is not a folder; give a folder of photos of animals "
+                        "outside the granja")
     if not 0 <= args.rotation <= 180:
         raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")
     augment = AugmentConfig.off() if args.no_augment else AugmentConfig(
@@ -150,7 +161,7 @@ def options_from_args(args: argparse.Namespace):
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         min_images=args.min_images, dedup_threshold=args.dedup_threshold, augment=augment,
         cache=not args.no_cache, views=args.views, strategy=args.strategy, resume=args.resume,
-        verbose=2 if args.quiet else 1,
+        accept_rate=args.accept_rate, unknown_dir=args.unknown_dir, verbose=2 if args.quiet else 1,
     )
 
 

@@ -8,8 +8,11 @@
 - ``inference.pb``: the same network frozen into a TensorFlow graph, which loads faster than
   ``model.keras``; ``training.json`` records the SHA-256 of both files, and ``load_scorer``
   falls back to ``model.keras`` when they no longer match.
+- ``open_set.npz``: the class means and covariance that unknown-animal detection compares photos
+  with; its score and thresholds are in ``training.json`` under ``open_set``.
+- ``gallery.json``: animals enrolled with ``testing.py --enroll``, kept when the granja is retrained.
 
-A training run writes all five into a staging folder and then swaps whole folders, so a crash
+A training run writes all but the gallery into a staging folder and then swaps whole folders, so a crash
 leaves either the previous set or the new one, never a mix.
 """
 
@@ -34,6 +37,8 @@ LABELS_FILE = "labels.json"
 TRAINING_FILE = "training.json"
 SPLIT_FILE = "split.json"
 INFERENCE_FILE = "inference.pb"
+OPEN_SET_FILE = "open_set.npz"
+GALLERY_FILE = "gallery.json"
 CACHE_FOLDER = "cache"
 
 
@@ -109,7 +114,7 @@ def staging_folder(models_dir: Path, granja: str) -> Path:
 
 
 def publish(staging: Path, folder: Path) -> None:
-    """Replace ``folder`` by ``staging`` with two renames; the feature cache moves to the new folder.
+    """Replace ``folder`` by ``staging`` with two renames; the feature cache and gallery move along.
 
     A crash between the two renames leaves only ``.<granja>.previous``, which ``granja_folder``
     renames back, so readers always find a complete set.
@@ -117,9 +122,9 @@ def publish(staging: Path, folder: Path) -> None:
     if not folder.exists():
         os.replace(staging, folder)
         return
-    old_cache = folder / CACHE_FOLDER
-    if old_cache.exists() and not (staging / CACHE_FOLDER).exists():
-        os.replace(old_cache, staging / CACHE_FOLDER)
+    for kept in (CACHE_FOLDER, GALLERY_FILE):
+        if (folder / kept).exists() and not (staging / kept).exists():
+            os.replace(folder / kept, staging / kept)
     previous = _previous_folder(folder)
     if previous.exists():
         shutil.rmtree(previous)
@@ -240,7 +245,7 @@ def load_scorer(trained: TrainedGranja, batch_size: int = 32):
     Without a matching graph (a model trained before graphs were written, or a ``model.keras``
     replaced by hand) the scorer loads ``model.keras`` itself, with a warning when a graph exists.
     """
-    from utils.inference import GraphScorer, KerasScorer, file_sha256
+    from utils.inference import OUTPUT_NAMES, GraphScorer, KerasScorer, file_sha256
 
     folder = trained.folder
     record = trained.metadata.get("inference_graph")
@@ -253,6 +258,7 @@ def load_scorer(trained: TrainedGranja, batch_size: int = 32):
         # When training.json or labels.json disagree with the frozen network, loading model.keras
         # below raises the error that names both sides.
         if (same_files and record.get("classes") == len(trained.class_names)
+                and set(OUTPUT_NAMES) <= set(record.get("outputs", {}))
                 and record.get("backbone_layer") == trained.metadata.get("backbone_layer")):
             return GraphScorer(graph_bytes, record, batch_size=batch_size)
         if not same_files:
@@ -276,3 +282,68 @@ def load_keras_model(path: Path):
     except (ValueError, OSError, KeyError, TypeError) as err:
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"cannot load the model {path} ({reason}); retrain the granja") from err
+
+
+def write_open_set_arrays(folder: Path, class_model) -> None:
+    """Write the class means and covariance of unknown-animal detection to ``open_set.npz``."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, embedding_means=class_model.embedding_means.astype(np.float32),
+             penultimate_means=class_model.penultimate_means.astype(np.float32),
+             precision=class_model.precision.astype(np.float32))
+    atomic_write_bytes(folder / OPEN_SET_FILE, buffer.getvalue())
+
+
+@dataclass
+class OpenSet:
+    """What unknown-animal detection and enrolment need from a trained granja."""
+
+    class_model: Any
+    calibration: Any
+    embedding_key: str
+    enrolled: dict  # name -> mean embedding, only those enrolled under this embedding_key
+    stale: list[str]  # enrolled names whose embeddings came from another backbone or weights
+
+
+def load_open_set(trained: TrainedGranja) -> OpenSet | None:
+    """Read the calibration, class model and gallery; None for a granja trained without them."""
+    import numpy as np
+
+    from utils.open_set import Calibration, ClassModel
+
+    record = trained.metadata.get("open_set")
+    path = trained.folder / OPEN_SET_FILE
+    if not record or not path.is_file():
+        return None
+    try:
+        with np.load(path) as arrays:
+            class_model = ClassModel(*(arrays[name].astype(np.float64) for name in
+                                       ("embedding_means", "penultimate_means", "precision")))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"cannot read {path} ({err}); retrain the granja") from err
+    if len(class_model.embedding_means) != len(trained.class_names):
+        raise UserError(f"{path} holds {len(class_model.embedding_means)} class means but {trained.folder / LABELS_FILE} "
+                        f"lists {len(trained.class_names)} classes; retrain the granja or restore its files together")
+    gallery = read_gallery(trained.folder)
+    key = record["embedding_key"]
+    enrolled = {name: np.asarray(entry["mean"], dtype=np.float64) for name, entry in gallery.items()
+                if entry.get("embedding_key") == key}
+    stale = sorted(name for name, entry in gallery.items() if entry.get("embedding_key") != key)
+    return OpenSet(class_model=class_model, calibration=Calibration.from_dict(record), embedding_key=key,
+                   enrolled=enrolled, stale=stale)
+
+
+def read_gallery(folder: Path) -> dict:
+    """The enrolled animals of ``folder/gallery.json``: name -> entry; empty when there is none."""
+    path = folder / GALLERY_FILE
+    if not path.is_file():
+        return {}
+    return read_json(path, "gallery of enrolled animals").get("animals", {})
+
+
+def write_gallery(folder: Path, animals: dict) -> None:
+    """Write the enrolled animals atomically."""
+    atomic_write_json(folder / GALLERY_FILE, {"format_version": 1, "animals": animals})

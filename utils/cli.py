@@ -81,6 +81,28 @@ def unit_interval(text: str) -> float:
     return value
 
 
+def accept_rate(text: str) -> float:
+    """Parse a share of known photos to accept, in (0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1 (got {text!r})") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, for example 0.95 (got {text!r})")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Parse any finite number, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number (got {text!r})")
+    return value
+
+
 def open_fraction(text: str) -> float:
     """Parse a number in [0, 1), for argparse (dropout rates, split fractions)."""
     try:

@@ -41,6 +41,21 @@ def split_at_head(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return extractor, keras.Model(features, x, name="head")
 
 
+def penultimate_model(model: keras.Model) -> keras.Model:
+    """Map pooled features to the input of the classifier's last Dense layer (``out``).
+
+    These are the head's own features, trained to tell the granja's animals apart; with no hidden
+    layers they are the pooled features themselves.
+    """
+    layers = model.layers
+    start = next(index for index, layer in enumerate(layers) if isinstance(layer, keras.layers.Dense))
+    features = keras.Input(shape=tuple(layers[start].input.shape[1:]), name="features")
+    x = features
+    for layer in layers[start:-1]:
+        x = layer(x)
+    return keras.Model(features, x, name="penultimate")
+
+
 def head_is_only_trainable(model: keras.Model) -> bool:
     """Return True when no layer before the head has trainable weights."""
     extractor, _ = split_at_head(model)

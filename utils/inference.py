@@ -2,8 +2,9 @@
 
 Loading ``model.keras`` rebuilds every layer from its configuration and creates and assigns each
 variable, about 2 s for MobileNetV2 on 2 cores. The frozen graph holds the same network with its
-weights folded into constants: importing it takes about a quarter of that. It has two outputs:
-the class probabilities and the embedding, the pooled backbone features that feed the dense head.
+weights folded into constants: importing it takes about a quarter of that. It has three outputs:
+the class probabilities, the embedding (the pooled backbone features that feed the dense head)
+and the penultimate features (the input of the head's last layer).
 
 ``model.keras`` stays the source of truth. The graph records the SHA-256 of the model file it
 was frozen from, and ``load_scorer`` uses the graph only while that file is unchanged.
@@ -19,7 +20,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("probabilities", "embedding")
+OUTPUT_NAMES = ("probabilities", "embedding", "penultimate")
 
 
 def file_sha256(path: Path) -> str:
@@ -39,14 +40,16 @@ def freeze_graph(model) -> tuple[bytes, dict]:
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from utils.features import split_at_head
+    from utils.features import penultimate_model, split_at_head
 
     extractor, head = split_at_head(model)
+    penultimate = penultimate_model(model)
 
     @tf.function
     def forward(image):
         embedding = extractor(image, training=False)
-        return {"probabilities": head(embedding, training=False), "embedding": embedding}
+        return {"probabilities": head(embedding, training=False), "embedding": embedding,
+                "penultimate": penultimate(embedding, training=False)}
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.float32, name=INPUT_NAME)
     concrete = forward.get_concrete_function(spec)
@@ -67,6 +70,7 @@ class Scores:
 
     probabilities: np.ndarray
     embeddings: np.ndarray
+    penultimate: np.ndarray
 
 
 class GraphScorer:
@@ -90,23 +94,21 @@ class GraphScorer:
     def __call__(self, images: np.ndarray) -> Scores:
         import tensorflow as tf
 
-        probabilities, embeddings = [], []
+        outputs = []
         for start in range(0, len(images), self.batch_size):
             batch = tf.constant(images[start:start + self.batch_size], dtype=tf.float32)
-            probability, embedding = self._function(batch)
-            probabilities.append(probability.numpy())
-            embeddings.append(embedding.numpy())
-        return Scores(np.concatenate(probabilities).astype(np.float32),
-                      np.concatenate(embeddings).astype(np.float32))
+            outputs.append([tensor.numpy() for tensor in self._function(batch)])
+        return Scores(*(np.concatenate(parts).astype(np.float32) for parts in zip(*outputs)))
 
 
 class KerasScorer:
     """Score photos with the Keras model itself (when no matching frozen graph exists)."""
 
     def __init__(self, model, batch_size: int = 32):
-        from utils.features import split_at_head
+        from utils.features import penultimate_model, split_at_head
 
         self.extractor, self.head = split_at_head(model)
+        self.penultimate = penultimate_model(model)
         self.batch_size = batch_size
 
     def __call__(self, images: np.ndarray) -> Scores:
@@ -115,7 +117,9 @@ class KerasScorer:
         else:
             embeddings = self.extractor.predict(images, batch_size=self.batch_size, verbose=0)
         probabilities = np.asarray(self.head(embeddings, training=False))
-        return Scores(probabilities.astype(np.float32), np.asarray(embeddings, dtype=np.float32))
+        penultimate = np.asarray(self.penultimate(embeddings, training=False))
+        return Scores(probabilities.astype(np.float32), np.asarray(embeddings, dtype=np.float32),
+                      penultimate.astype(np.float32))
 
 
 def graph_def_input_shape(graph_def, tensor_name: str) -> list:

@@ -118,3 +118,8 @@ def _save_figure(figure, path: Path) -> None:
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_open_set_report(record: dict, run_folder: Path) -> None:
+    """Write the unknown-animal calibration and, with --unknown-dir, its test metrics."""
+    atomic_write_json(run_folder / "open_set.json", record)

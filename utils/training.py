@@ -1,6 +1,7 @@
 """One training run: photos to split, backbone and head, fit, test reports and saved files."""
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -59,6 +60,8 @@ class TrainOptions:
     strategy: str = "none"
     resume: bool = False
     views: int = DEFAULT_VIEWS
+    accept_rate: float = 0.95
+    unknown_dir: Path | None = None
     verbose: int = 1
 
 
@@ -303,6 +306,7 @@ def _run_fit(model, train_data, val_data, options: TrainOptions, callbacks: list
 def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
                checkpoint: Path, cache_key: dict):
     """Fit the whole model on augmented photos; returns the history and test probabilities."""
+    from utils.features import compute_features, split_at_head
     from utils.pipeline import make_dataset, pad_for_replicas, replica_count, training_batch
 
     num_classes = len(data.class_names)
@@ -319,7 +323,10 @@ def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, r
     # EarlyStopping restored the best epoch's weights; the test split is used only here.
     padded = np.asarray(test_split)[pad_for_replicas(len(test_split), replicas)]
     test_data = make_dataset(data.images[padded], data.labels[padded], num_classes, options.batch_size)
-    return history, model.predict(test_data, verbose=0)[:len(test_split)], {}
+    probabilities = model.predict(test_data, verbose=0)[:len(test_split)]
+    # The fine-tuned backbone's embeddings of every photo, for unknown-animal detection.
+    extractor, _ = split_at_head(model)
+    return history, probabilities, {}, compute_features(extractor, data.images, options.batch_size)
 
 
 def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
@@ -370,7 +377,7 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
     test_data = feature_dataset(test_features[test_padding], data.labels[test_split][test_padding], num_classes,
                                 options.batch_size)
     counts = {"features_read": cache.hits, "features_computed": cache.misses}
-    return history, head.predict(test_data, verbose=0)[:len(test_split)], counts
+    return history, head.predict(test_data, verbose=0)[:len(test_split)], counts, clean
 
 
 def distribution_scope(name: str, batch_size: int):
@@ -435,7 +442,7 @@ def resume_folder(options: TrainOptions) -> Path:
 def options_from_record(record: dict) -> TrainOptions:
     """Rebuild TrainOptions from ``options_record`` output, as saved for ``--resume``."""
     values = dict(record)
-    for key in ("dataset_dir", "models_dir", "logs_dir", "cache_dir"):
+    for key in ("dataset_dir", "models_dir", "logs_dir", "cache_dir", "unknown_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     values["hidden"] = tuple(values["hidden"])
@@ -538,8 +545,8 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
                      "preprocessing": spec.preprocessing, "pooling": pooling}
         started = time.monotonic()
         try:
-            history, probabilities, fit_counts = fit(model, data, options, weights, run_folder,
-                                                     staging / artifacts.MODEL_FILE, cache_key)
+            history, probabilities, fit_counts, embeddings = fit(model, data, options, weights, run_folder,
+                                                                 staging / artifacts.MODEL_FILE, cache_key)
         except KeyboardInterrupt:
             folder = options.models_dir / options.granja
             kept = (f"the previous model in {folder} is kept" if (folder / artifacts.MODEL_FILE).exists()
@@ -555,6 +562,8 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
         raise UserError(f"training diverged: the model's scores are not finite (NaN); the previous model in "
                         f"{options.models_dir / options.granja} is kept; lower --lr (now {options.lr}) or "
                         "check the weights file")
+    open_set, class_model = calibrate_open_set(model, data, embeddings, probabilities, options)
+
     y_true = data.labels[test_split]
     y_pred = probabilities.argmax(axis=1)
     report = reports.classification_report(y_true, y_pred, data.class_names)
@@ -575,6 +584,8 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
         "training_path": "cached_features" if use_cache else "plain",
         **fit_counts,
     }
+    if "unknown_test" in open_set:
+        metrics["open_set"] = open_set["unknown_test"]
     metadata = {
         "format_version": artifacts.FORMAT_VERSION,
         "granja": options.granja,
@@ -586,6 +597,7 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
         "preprocessing": spec.preprocessing,
         "pooling": pooling,
         "gradcam_layer": spec.gradcam_layer,
+        "open_set": open_set,
         "class_names": data.class_names,
         "split_sizes": {name: len(data.split[name]) for name in SPLIT_NAMES},
         "skipped_photos": [str(path) for path, _ in data.skipped],
@@ -602,6 +614,10 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
     }
     artifacts.save_model_atomic(model, staging / artifacts.MODEL_FILE)
     metadata["inference_graph"] = artifacts.write_inference_graph(model, staging, backbone.name)
+    metadata["open_set"]["embedding_key"] = embedding_key(cache_key, weights, frozen=head_is_only_trainable(model),
+                                                          model_sha256=metadata["inference_graph"]["model_sha256"])
+    artifacts.write_open_set_arrays(staging, class_model)
+    reports.write_open_set_report(metadata["open_set"], run_folder)
     artifacts.atomic_write_json(staging / artifacts.LABELS_FILE,
                                 {name: index for index, name in enumerate(data.class_names)}, sort_keys=False)
     artifacts.atomic_write_json(staging / artifacts.TRAINING_FILE, metadata)
@@ -615,6 +631,69 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
           f"({len(data.skipped)} photos skipped, {data.ignored} other files ignored); "
           f"model saved to {options.models_dir / options.granja / artifacts.MODEL_FILE}; reports in {run_folder}")
     return {**metrics, "run_folder": str(run_folder), "metadata": metadata}
+
+
+def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_probabilities: np.ndarray,
+                       options: TrainOptions):
+    """Calibrate unknown-animal detection on the validation split; score --unknown-dir if given.
+
+    Returns the record kept in ``training.json`` and the fitted ``ClassModel``.
+    """
+    from utils.features import compute_features, penultimate_model, split_at_head
+    from utils.open_set import ClassModel, calibrate, known_scores, open_set_metrics
+
+    extractor, head = split_at_head(model)
+    penultimate = penultimate_model(model)
+    train_split, val_split, test_split = (np.asarray(data.split[name]) for name in SPLIT_NAMES)
+    class_model = ClassModel.fit(embeddings[train_split], _batched(penultimate, embeddings[train_split]),
+                                 data.labels[train_split], len(data.class_names))
+
+    def per_class(photo_embeddings, probabilities=None):
+        if probabilities is None:
+            probabilities = _batched(head, photo_embeddings)
+        return class_model.per_class(probabilities, photo_embeddings, _batched(penultimate, photo_embeddings))
+
+    calibration = calibrate(per_class(embeddings[val_split]), data.labels[val_split], options.accept_rate)
+    record = calibration.to_dict()
+    logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; "
+                "held-out-class AUROC %s)", calibration.score, calibration.threshold, 100 * options.accept_rate,
+                ", ".join(f"{name} {value:.3f}" for name, value in calibration.validation_auroc.items()))
+
+    if options.unknown_dir is not None:
+        from utils.images import load_given_photos, load_photo
+
+        paths, images = load_given_photos([options.unknown_dir], lambda path: load_photo(path, options.input_size))
+        unknown = known_scores(per_class(compute_features(extractor, np.stack(images), options.batch_size)))
+        known = known_scores(per_class(embeddings[test_split], test_probabilities))
+        by_score = {name: open_set_metrics(known[name], unknown[name], calibration.thresholds[name])
+                    for name in known}
+        record["unknown_test"] = {**by_score[calibration.score], "score": calibration.score,
+                                  "unknown_dir": str(options.unknown_dir), "by_score": by_score}
+        logger.info("open set on %d test photos and %d unknown photos: AUROC %.3f, unknown flagged %.1f%%, "
+                    "known flagged %.1f%%", len(test_split), len(paths), by_score[calibration.score]["auroc"],
+                    100 * by_score[calibration.score]["unknown_flagged"],
+                    100 * by_score[calibration.score]["known_flagged"])
+    return record, class_model
+
+
+def _batched(layers, inputs: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Run small dense layers (the head, or part of it) over feature vectors, in batches."""
+    if len(inputs) == 0:
+        return np.zeros((0, layers.output_shape[-1]), dtype=np.float32)
+    return np.concatenate([np.asarray(layers(inputs[start:start + batch_size], training=False))
+                           for start in range(0, len(inputs), batch_size)])
+
+
+def embedding_key(cache_key: dict, weights: str, *, frozen: bool, model_sha256: str) -> str:
+    """Identify the embedding function: photos embedded under one key are comparable.
+
+    With a frozen backbone the embedding depends only on the backbone, its weights and the input
+    settings, so it survives retraining the head; a fine-tuned backbone is tied to its model file.
+    """
+    from utils.features import weights_identity
+
+    record = {**cache_key, "weights": weights_identity(weights), "fine_tuned_model": None if frozen else model_sha256}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _whole_run_history(history: dict, run_folder: Path, resumed: bool) -> dict[str, list[float]]:
