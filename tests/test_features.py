@@ -202,7 +202,7 @@ def test_mirrored_training_with_uneven_splits(tmp_path, path_flags):
     assert report["macro avg"]["support"] == 3
 
 
-def test_mirrored_rejects_batch_that_does_not_split(tmp_path):
+def test_mirrored_rejects_uneven_batch(tmp_path):
     make_granja(tmp_path / "dataset" / "farm", photos_per_class=4)
     args = train_args(tmp_path, "--strategy", "mirrored", "-m", "mobilenetv2", "--weights", "none",
                       "--input-size", "32", "-bs", "5")
@@ -225,7 +225,7 @@ def free_ports(count):
     return ports
 
 
-def test_multiworker_cluster_of_two_processes(tmp_path):
+def test_multiworker_two_process_cluster(tmp_path):
     """Two workers on this machine, talking over localhost, train one model; the chief saves it."""
     make_granja(tmp_path / "dataset" / "farm", photos_per_class=7)
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}

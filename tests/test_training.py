@@ -133,10 +133,11 @@ def test_testing_skips_broken_photo_in_folder(trained_farm, tmp_path):
     assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)) == 6
     warnings = [line for line in result.stderr.splitlines() if "cut.jpg" in line]
-    assert len(warnings) == 1 and "WARNING" in warnings[0]
+    assert len(warnings) == 1
+    assert "WARNING" in warnings[0]
 
 
-def test_frozen_graph_scores_like_the_keras_model(trained_farm):
+def test_frozen_graph_matches_keras(trained_farm):
     from utils.artifacts import load_scorer, load_trained
     from utils.features import split_at_head
     from utils.inference import GraphScorer
@@ -151,7 +152,7 @@ def test_frozen_graph_scores_like_the_keras_model(trained_farm):
     np.testing.assert_allclose(scores.embeddings, extractor(images, training=False), atol=1e-4)
 
 
-def test_changed_model_file_is_scored_without_the_graph(trained_farm, tmp_path, capsys):
+def test_changed_model_skips_graph(trained_farm, tmp_path, capsys):
     from utils.artifacts import load_keras_model, save_model_atomic
 
     shutil.copytree(trained_farm / "models", tmp_path / "models")

@@ -325,7 +325,7 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"cannot read {path} ({err}); retrain the granja") from err
     if len(class_model.embedding_means) != len(trained.class_names):
-        raise UserError(f"{path} holds {len(class_model.embedding_means)} class means but {trained.folder / LABELS_FILE} "
+        raise UserError(f"{path} contains {len(class_model.embedding_means)} class means but {trained.folder / LABELS_FILE} "
                         f"lists {len(trained.class_names)} classes; retrain the granja or restore its files together")
     gallery = read_gallery(trained.folder)
     key = record["embedding_key"]

@@ -1,7 +1,7 @@
 """A frozen inference graph of a trained classifier, for scoring photos without rebuilding Keras layers.
 
 Loading ``model.keras`` rebuilds every layer from its configuration and creates and assigns each
-variable, about 2 s for MobileNetV2 on 2 cores. The frozen graph holds the same network with its
+variable, about 2 s for MobileNetV2 on 2 cores. The frozen graph contains the same network with its
 weights folded into constants: importing it takes about a quarter of that. It has three outputs:
 the class probabilities, the embedding (the pooled backbone features that feed the dense head)
 and the penultimate features (the input of the head's last layer).

@@ -11,8 +11,8 @@ A softmax always names a known class. Three scores tell how much a photo looks l
 
 Training calibrates them on the validation split only. Validation photos all show known animals,
 so to compare the scores without unknown photos each validation photo is also scored as if its own
-class did not exist (probabilities renormalised over the other classes; similarity or distance to
-the other class means): an animal the model never saw. The score whose known and held-out values
+class did not exist (probabilities renormalised over the other classes, similarity or distance to
+the other class means only), as an animal the model never saw would be. The score whose known and held-out values
 separate better (higher AUROC) is used, with the threshold that accepts ``accept_rate`` of the
 known validation photos.
 
