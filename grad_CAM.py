@@ -284,6 +284,9 @@ def explain_photos(args: argparse.Namespace, trained, photos: Sequence[Path], cl
 
         for offset, (path, image, result) in enumerate(zip(batch, originals, maps)):
             name = trained.class_names[result.class_index]
+            if not np.any(result.heatmap > 0):
+                logger.warning("the heat map of %s for class %r is blank: no region of layer %r raises that class's "
+                               "score (%.2g); pass another --class or --layer", path, name, layer, result.probability)
             title = f"Pr[img|label={name}] = {result.probability:.2f}"
             png = render_figure(fit_for_display(image), result.heatmap, title, overlay_title, args.alpha,
                                 interactive)

@@ -223,3 +223,39 @@ def test_same_seed_same_split_and_metrics(tmp_path):
     assert results[0][0] == results[1][0]
     for key in ("test_accuracy", "test_loss", "best_val_loss", "best_epoch"):
         assert results[0][1][key] == results[1][1][key], key
+
+
+def test_progress_lines_held_until_released():
+    import io
+    import logging
+
+    from utils.cli import DeferredInfoHandler
+
+    stream = io.StringIO()
+    handler = DeferredInfoHandler(stream, window=60)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger = logging.getLogger("held-lines-test")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        logger.info("decoding 7 photos")
+        assert stream.getvalue() == ""
+        logger.warning("dropping class 'b'")
+        assert stream.getvalue() == "WARNING: dropping class 'b'\n"
+        handler.write_held()
+        assert stream.getvalue().splitlines() == ["WARNING: dropping class 'b'", "INFO: decoding 7 photos"]
+        logger.info("after the window")
+        assert stream.getvalue().splitlines()[-1] == "INFO: after the window"
+
+        dropped = io.StringIO()
+        handler.close()
+        logger.removeHandler(handler)
+        handler = DeferredInfoHandler(dropped, window=60)
+        logger.addHandler(handler)
+        logger.info("never shown")
+        handler.drop_held()
+        assert dropped.getvalue() == ""
+    finally:
+        handler.close()
+        logger.removeHandler(handler)

@@ -175,6 +175,11 @@ class DeferredInfoHandler(logging.StreamHandler):
                 super().emit(record)
         self._timer.cancel()
 
+    def close(self) -> None:
+        """Write the held records and stop the timer (``logging.basicConfig(force=True)`` closes handlers)."""
+        self.write_held()
+        super().close()
+
     def drop_held(self) -> None:
         """Drop the held records (a user error is about to be reported) and stop holding."""
         with self.lock:

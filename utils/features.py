@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from utils.augment import AugmentConfig, build_augmenter
+from utils.inference import file_sha256
 from utils.pipeline import pad_for_replicas, replica_count
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,7 @@ def head_is_only_trainable(model: keras.Model) -> bool:
 
 def photo_digest(path: Path) -> str:
     """SHA-256 of a photo file's bytes, the cache key of its features."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def weights_identity(weights: str) -> str:
