@@ -59,7 +59,7 @@ def trained_farm(tmp_path_factory):
 def test_training_writes_model_files(trained_farm):
     folder = trained_farm / "models" / "farm"
     assert sorted(path.name for path in folder.iterdir()) == ["inference.pb", "labels.json", "model.keras",
-                                                               "split.json", "training.json"]
+                                                               "open_set.npz", "split.json", "training.json"]
     labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
     assert labels == {name: index for index, name in enumerate(sorted(CLASSES))}
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))
