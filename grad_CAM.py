@@ -270,8 +270,8 @@ def explain_photos(args: argparse.Namespace, trained, photos: Sequence[Path], cl
         logger.warning("layer %r has a 1x1 feature map at input size %d, so every heat map is uniform; pass "
                        "--layer with an earlier layer, or retrain with a larger --input-size",
                        layer, trained.input_size)
-    logger.info("explaining %d photos with %s at layer %r (%dx%d) of %s",
-                len(photos), args.method, layer, map_shape[0], map_shape[1], backbone.name)
+    logger.info("explaining %d photo%s with %s at layer %r (%dx%d) of %s",
+                len(photos), "" if len(photos) == 1 else "s", args.method, layer, map_shape[0], map_shape[1], backbone.name)
 
     stems = figure_stems(photos)
     used: set[Path] = set()
@@ -297,7 +297,7 @@ def explain_photos(args: argparse.Namespace, trained, photos: Sequence[Path], cl
                 atomic_write_bytes(array_path, array_bytes(result.heatmap))
                 logger.info("saved the heat map array to %s", array_path)
             print(f"{target}\t{name}\t{result.probability:.4f}", flush=True)
-    logger.info("saved %d figures", len(photos))
+    logger.info("saved %d figure%s", len(photos), "" if len(photos) == 1 else "s")
 
 
 if __name__ == "__main__":

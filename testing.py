@@ -130,8 +130,6 @@ def score(args: argparse.Namespace, trained) -> int:
     open_set = load_open_set(trained)
     if open_set is None:
         decisions = None
-        logger.warning("%s has no unknown-animal threshold (trained by an older version); every photo is "
-                       "named as its best class; retrain the granja to calibrate one", trained.folder)
     else:
         if open_set.stale:
             logger.warning("ignoring enrolled animals %s: they were enrolled with another backbone or weights; "
@@ -173,8 +171,8 @@ def enroll(args: argparse.Namespace, trained) -> int:
         raise UserError(f"--enroll {name!r} is a trained class of granja {args.granja!r}; pick another name")
     open_set = artifacts.load_open_set(trained)
     if open_set is None:
-        raise UserError(f"{trained.folder} has no class means for enrolment (trained by an older version); "
-                        "retrain the granja first")
+        raise UserError(f"{trained.folder} has no class means that match its model.keras, which enrolment compares "
+                        "with; retrain the granja first")
     photos, scores = embed_photos(args, trained)
     total = scores.embeddings.astype(np.float64).sum(axis=0)
     with artifacts.granja_lock(args.models_dir, args.granja):

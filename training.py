@@ -144,9 +144,13 @@ def options_from_args(args: argparse.Namespace):
     if args.val_fraction <= 0 or args.test_fraction <= 0 or args.val_fraction + args.test_fraction >= 1:
         raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
                         "above 0 and add up to less than 1, leaving photos to train on")
-    if args.unknown_dir is not None and not args.unknown_dir.is_dir():
-        raise UserError(f"--unknown-dir {args.unknown_dir} is not a folder; give a folder of photos of animals "
-                        "outside the granja")
+    if args.unknown_dir is not None:
+        if not args.unknown_dir.is_dir():
+            raise UserError(f"--unknown-dir {args.unknown_dir} is not a folder; give a folder of photos of animals "
+                            "outside the granja")
+        from utils.images import expand_photos
+
+        expand_photos([args.unknown_dir])  # an empty folder stops here, before any training
     if not 0 <= args.rotation <= 180:
         raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")
     augment = AugmentConfig.off() if args.no_augment else AugmentConfig(

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,6 +165,17 @@ def test_ctrl_c_then_resume(tmp_path):
     split_before = json.loads((tmp_path / "models" / ".farm.resume" / "split.json").read_text(encoding="utf-8"))
     done = epochs_logged(tmp_path)
 
+    # A backup cut short (as by a crash during its write) gives a one-line error, not a traceback.
+    shutil.copytree(tmp_path / "models", tmp_path / "damaged")
+    weights = next((tmp_path / "damaged" / ".farm.resume" / "backup").glob("*.weights.h5"))
+    weights.write_bytes(weights.read_bytes()[:20000])
+    damaged = subprocess.run([sys.executable, "training.py", "-ng", "farm", "--dataset-dir", str(tmp_path / "dataset"),
+                              "--models-dir", str(tmp_path / "damaged"), "--resume", "--quiet"],
+                             cwd=REPO, capture_output=True, text=True, check=False)
+    assert damaged.returncode == 2, damaged.stderr[-2000:]
+    assert "cannot be loaded" in damaged.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in damaged.stderr
+
     result = subprocess.run([sys.executable, "training.py", "-ng", "farm", "--dataset-dir",
                              str(tmp_path / "dataset"), "--models-dir", str(tmp_path / "models"), "--resume",
                              "--quiet"], cwd=REPO, capture_output=True, text=True, check=False)
@@ -259,3 +271,10 @@ def test_progress_lines_held_until_released():
     finally:
         handler.close()
         logger.removeHandler(handler)
+
+
+def test_empty_unknown_dir_stops_before_training(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    (tmp_path / "strangers").mkdir()
+    assert_one_line_error(run_training(tmp_path, "--unknown-dir", str(tmp_path / "strangers")), "no photos in folder")
+    assert not (tmp_path / "logs").exists()

@@ -153,6 +153,7 @@ def test_frozen_graph_matches_keras(trained_farm):
 
 
 def test_changed_model_skips_graph(trained_farm, tmp_path, capsys):
+    from utils.errors import UserError
     from utils.artifacts import load_keras_model, save_model_atomic
 
     shutil.copytree(trained_farm / "models", tmp_path / "models")
@@ -169,6 +170,13 @@ def test_changed_model_skips_graph(trained_farm, tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)[sorted(CLASSES)[2]] > 0.99
     assert "inference.pb does not match" in captured.err
+    assert "open_set.npz was calibrated for another model.keras" in captured.err
+    assert "prediction:" not in captured.err
+
+    # A model file cut short is named as such.
+    model_path.write_bytes(model_path.read_bytes()[:5000])
+    with pytest.raises(UserError, match="is not a .keras model file"):
+        load_keras_model(model_path)
 
 
 def test_model_without_graph_still_scores(trained_farm, tmp_path, capsys):

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,9 @@ def load_keras_model(path: Path):
 
     if not path.is_file():
         raise UserError(f"model file not found: {path}; train the granja first with training.py")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a .keras model file (damaged or cut short); retrain the granja or restore "
+                        "the file")
     try:
         return keras.models.load_model(path, compile=False)
     except (ValueError, OSError, KeyError, TypeError) as err:
@@ -314,9 +318,18 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
 
     from utils.open_set import Calibration, ClassModel
 
+    from utils.inference import file_sha256
+
     record = trained.metadata.get("open_set")
     path = trained.folder / OPEN_SET_FILE
     if not record or not path.is_file():
+        logger.warning("%s has no unknown-animal calibration (trained by an older version); every photo is named "
+                       "as its best class; retrain the granja to calibrate one", trained.folder)
+        return None
+    calibrated_for = trained.metadata.get("inference_graph", {}).get("model_sha256")
+    if calibrated_for != file_sha256(trained.folder / MODEL_FILE):
+        logger.warning("%s was calibrated for another %s (the model file changed after training); every photo is "
+                       "named as its best class; retrain the granja to calibrate again", path, MODEL_FILE)
         return None
     try:
         with np.load(path) as arrays:

@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -238,6 +239,32 @@ class SaveBestModel(keras.callbacks.Callback):
             artifacts.save_model_atomic(self.model_to_save, self.path)
 
 
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that writes its files under temporary names and renames them.
+
+    Keras writes the backup weights in place, so Ctrl-C during that write left a file that
+    ``--resume`` could not load.
+    """
+
+    def _save_model(self):
+        os.makedirs(self.backup_dir, exist_ok=True)
+        temporary = f"{self._weights_path}.partial.weights.h5"
+        self.model.save_weights(temporary, overwrite=True)
+        os.replace(temporary, self._weights_path)
+        artifacts.atomic_write_json(Path(self._training_metadata_path),
+                                    {"epoch": self._current_epoch, "batch": self._last_batch_seen})
+
+    def on_train_begin(self, logs=None):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                super().on_train_begin(logs)
+        except (OSError, ValueError) as err:
+            reason = " ".join(str(err).split())[:160]
+            raise UserError(f"the backup in {self.backup_dir} cannot be loaded ({reason}); start a new run "
+                            "without --resume") from err
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping whose progress (best loss, epochs without improvement, best weights) survives
     an interruption: it is written to ``folder`` after every epoch and read back on ``--resume``."""
@@ -277,7 +304,7 @@ def _callbacks(options: TrainOptions, model, run_folder: Path, checkpoint: Path)
     # from the last completed one; it deletes its backup when fit() completes.
     backup = resume_folder(options) / "backup"
     return [
-        keras.callbacks.BackupAndRestore(str(backup)),
+        AtomicBackupAndRestore(str(backup)),
         ResumableEarlyStopping(resume_folder(options), options.resume, monitor="val_loss",
                                patience=options.patience, restore_best_weights=True, verbose=1),
         SaveBestModel(model, checkpoint),
