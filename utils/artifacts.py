@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import zipfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,19 @@ class TrainedGranja:
     metadata: dict
     class_names: list[str]
     model: Any = None
+    _model_sha256: str | None = field(default=None, init=False, repr=False)
 
     @property
     def input_size(self) -> int:
         return int(self.metadata["input_size"])
+
+    def model_sha256(self) -> str:
+        """Return the SHA-256 of ``model.keras``, read once for the graph and calibration checks."""
+        if self._model_sha256 is None:
+            from utils.inference import file_sha256
+
+            self._model_sha256 = file_sha256(self.folder / MODEL_FILE)
+        return self._model_sha256
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -246,7 +255,7 @@ def load_scorer(trained: TrainedGranja, batch_size: int = 32):
     Without a matching graph (a model trained before graphs were written, or a ``model.keras``
     replaced by hand) the scorer loads ``model.keras`` itself, with a warning when a graph exists.
     """
-    from utils.inference import OUTPUT_NAMES, GraphScorer, KerasScorer, file_sha256
+    from utils.inference import OUTPUT_NAMES, GraphScorer, KerasScorer
 
     folder = trained.folder
     record = trained.metadata.get("inference_graph")
@@ -255,7 +264,7 @@ def load_scorer(trained: TrainedGranja, batch_size: int = 32):
     if record and graph_path.is_file() and model_path.is_file():
         graph_bytes = graph_path.read_bytes()
         same_files = (hashlib.sha256(graph_bytes).hexdigest() == record.get("sha256")
-                      and file_sha256(model_path) == record.get("model_sha256"))
+                      and trained.model_sha256() == record.get("model_sha256"))
         # When training.json or labels.json disagree with the frozen network, loading model.keras
         # below raises the error that names both sides.
         if (same_files and record.get("classes") == len(trained.class_names)
@@ -303,7 +312,7 @@ def write_open_set_arrays(folder: Path, class_model) -> None:
 
 @dataclass
 class OpenSet:
-    """What unknown-animal detection and enrolment need from a trained granja."""
+    """Data of a trained granja for unknown-animal detection and enrolment."""
 
     class_model: Any
     calibration: Any
@@ -318,8 +327,6 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
 
     from utils.open_set import Calibration, ClassModel
 
-    from utils.inference import file_sha256
-
     record = trained.metadata.get("open_set")
     path = trained.folder / OPEN_SET_FILE
     if not record or not path.is_file():
@@ -327,7 +334,7 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
                        "as its best class; retrain the granja to calibrate one", trained.folder)
         return None
     calibrated_for = trained.metadata.get("inference_graph", {}).get("model_sha256")
-    if calibrated_for != file_sha256(trained.folder / MODEL_FILE):
+    if calibrated_for != trained.model_sha256():
         logger.warning("%s was calibrated for another %s (the model file changed after training); every photo is "
                        "named as its best class; retrain the granja to calibrate again", path, MODEL_FILE)
         return None
@@ -350,7 +357,7 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
 
 
 def read_gallery(folder: Path) -> dict:
-    """The enrolled animals of ``folder/gallery.json``: name -> entry; empty when there is none."""
+    """Read the enrolled animals of ``folder/gallery.json`` as name -> entry (empty without a gallery)."""
     path = folder / GALLERY_FILE
     if not path.is_file():
         return {}

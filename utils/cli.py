@@ -3,6 +3,7 @@
 import argparse
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
@@ -59,59 +60,45 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """Parse a finite number greater than zero, for argparse."""
+def _checked_float(text: str, accept, expected: str, hint: str | None = None) -> float:
+    """Parse a float for argparse, raising "expected <expected> (got ...)" unless ``accept(value)``.
+
+    ``hint`` replaces ``expected`` in the message for a number that parses but is out of range.
+    """
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number greater than 0 (got {text!r})") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number greater than 0 (got {text!r})")
+        raise argparse.ArgumentTypeError(f"expected {expected} (got {text!r})") from None
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {hint or expected} (got {text!r})")
     return value
+
+
+def positive_float(text: str) -> float:
+    """Parse a finite number greater than zero, for argparse."""
+    return _checked_float(text, lambda value: 0 < value < math.inf, "a number greater than 0",
+                          "a finite number greater than 0")
 
 
 def unit_interval(text: str) -> float:
     """Parse a number in [0, 1], for argparse (thresholds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (got {text!r})") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1 (got {text!r})")
-    return value
+    return _checked_float(text, lambda value: 0.0 <= value <= 1.0, "a number from 0 to 1")
 
 
 def accept_rate(text: str) -> float:
     """Parse a share of known photos to accept, in (0, 1], for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1 (got {text!r})") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, for example 0.95 (got {text!r})")
-    return value
+    return _checked_float(text, lambda value: 0.0 < value <= 1.0, "a number above 0 and at most 1",
+                          "a number above 0 and at most 1, for example 0.95")
 
 
 def finite_float(text: str) -> float:
     """Parse any finite number, for argparse."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number (got {text!r})") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number (got {text!r})")
-    return value
+    return _checked_float(text, math.isfinite, "a number", "a finite number")
 
 
 def open_fraction(text: str) -> float:
     """Parse a number in [0, 1), for argparse (dropout rates, split fractions)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to but not including 1 (got {text!r})") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number from 0 up to but not including 1 (got {text!r})")
-    return value
+    return _checked_float(text, lambda value: 0.0 <= value < 1.0, "a number from 0 up to but not including 1")
 
 
 def granja_name(text: str) -> str:
@@ -155,23 +142,23 @@ class DeferredInfoHandler(logging.StreamHandler):
 
     def __init__(self, stream, window: float):
         super().__init__(stream)
-        self._held: list[logging.LogRecord] | None = []
+        self._held_records: list[logging.LogRecord] | None = []
         self._timer = threading.Timer(window, self.write_held)
         self._timer.daemon = True
         self._timer.start()
 
     def emit(self, record: logging.LogRecord) -> None:
         with self.lock:
-            if self._held is not None and record.levelno < logging.WARNING:
-                self._held.append(record)
+            if self._held_records is not None and record.levelno < logging.WARNING:
+                self._held_records.append(record)
                 return
         super().emit(record)
 
     def write_held(self) -> None:
         """Write the held records and stop holding new ones."""
         with self.lock:
-            held, self._held = self._held, None
-            for record in held or []:
+            records, self._held_records = self._held_records, None
+            for record in records or []:
                 super().emit(record)
         self._timer.cancel()
 
@@ -183,7 +170,7 @@ class DeferredInfoHandler(logging.StreamHandler):
     def drop_held(self) -> None:
         """Drop the held records (a user error is about to be reported) and stop holding."""
         with self.lock:
-            self._held = None
+            self._held_records = None
         self._timer.cancel()
 
 

@@ -332,7 +332,10 @@ def _run_fit(model, train_data, val_data, options: TrainOptions, callbacks: list
 
 def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
                checkpoint: Path, cache_key: dict):
-    """Fit the whole model on augmented photos; returns the history and test probabilities."""
+    """Fit the whole model on augmented photos.
+
+    Returns the history, the test probabilities, extra counts and the embeddings of every photo.
+    """
     from utils.features import compute_features, split_at_head
     from utils.pipeline import make_dataset, pad_for_replicas, replica_count, training_batch
 
@@ -347,18 +350,16 @@ def _fit_plain(model, data: PreparedData, options: TrainOptions, weights: str, r
     _compile(model, options)
     history = _run_fit(model, train_data, val_data, options, _callbacks(options, model, run_folder, checkpoint))
 
-    # EarlyStopping restored the best epoch's weights; the test split is used only here.
-    padded = np.asarray(test_split)[pad_for_replicas(len(test_split), replicas)]
-    test_data = make_dataset(data.images[padded], data.labels[padded], num_classes, options.batch_size)
-    probabilities = model.predict(test_data, verbose=0)[:len(test_split)]
-    # The fine-tuned backbone's embeddings of every photo, for unknown-animal detection.
-    extractor, _ = split_at_head(model)
-    return history, probabilities, {}, compute_features(extractor, data.images, options.batch_size)
+    # EarlyStopping restored the best epoch's weights. One pass of the fine-tuned backbone gives the
+    # embeddings of every photo (for unknown-animal detection) and, through the head, the test scores.
+    extractor, head = split_at_head(model)
+    embeddings = compute_features(extractor, data.images, options.batch_size)
+    return history, _batched(head, embeddings[np.asarray(test_split)]), {}, embeddings
 
 
 def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: str, run_folder: Path,
                      checkpoint: Path, cache_key: dict):
-    """Fit only the head on cached backbone features; returns the history and test probabilities."""
+    """Fit only the head on cached backbone features; returns what ``_fit_plain`` returns."""
     from utils.features import (FeatureCache, cached_features, feature_dataset, photo_digest, split_at_head,
                                 view_dataset, weights_identity)
     from utils.pipeline import pad_for_replicas, replica_count, training_batch
@@ -400,11 +401,8 @@ def _fit_on_features(model, data: PreparedData, options: TrainOptions, weights: 
                                options.batch_size)
     _compile(head, options)
     history = _run_fit(head, train_data, val_data, options, _callbacks(options, model, run_folder, checkpoint))
-    test_padding = pad_for_replicas(len(test_split), replicas)
-    test_data = feature_dataset(test_features[test_padding], data.labels[test_split][test_padding], num_classes,
-                                options.batch_size)
     counts = {"features_read": cache.hits, "features_computed": cache.misses}
-    return history, head.predict(test_data, verbose=0)[:len(test_split)], counts, clean
+    return history, _batched(head, test_features), counts, clean
 
 
 def distribution_scope(name: str, batch_size: int):
@@ -715,7 +713,7 @@ def embedding_key(cache_key: dict, weights: str, *, frozen: bool, model_sha256: 
     """Identify the embedding function: photos embedded under one key are comparable.
 
     With a frozen backbone the embedding depends only on the backbone, its weights and the input
-    settings, so it survives retraining the head; a fine-tuned backbone is tied to its model file.
+    settings, so it survives retraining the head. A fine-tuned backbone is tied to its model file.
     """
     from utils.features import weights_identity
 
@@ -724,8 +722,11 @@ def embedding_key(cache_key: dict, weights: str, *, frozen: bool, model_sha256: 
 
 
 def _whole_run_history(history: dict, run_folder: Path, resumed: bool) -> dict[str, list[float]]:
-    """Per-epoch metrics of the whole run: after ``--resume``, fit() only knows the epochs since
-    the resume, while ``epochs.csv`` (appended to) holds them all."""
+    """Return the per-epoch metrics of the whole run.
+
+    After ``--resume``, fit()'s history covers only the epochs since the resume, while ``epochs.csv``
+    (appended to) contains them all.
+    """
     log = run_folder / "epochs.csv"
     if not resumed or not log.is_file():
         return history
