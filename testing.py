@@ -63,7 +63,7 @@ def ranked_scores(probabilities, class_names: Sequence[str], top_k: int | None) 
 
 
 def decision_line(decision) -> str:
-    """The stderr line of one photo's decision."""
+    """Format the stderr line of one photo's decision."""
     if decision.prediction == "unknown":
         return f"prediction: unknown (score {decision.score:.2f} under threshold {decision.threshold:.2f})"
     kind = ", enrolled" if decision.enrolled else ""

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Unknown animals and enrolment on real dogs: how often the suite says "unknown" for a dog it never
-saw, and names a dog enrolled from a few photos.
+"""Unknown animals and enrolment on real dogs: how often the suite flags a dog it never saw as
+"unknown", and names a dog enrolled from a few photos.
 
 1. Trains dogs42 with ``--unknown-dir`` pointing at DogFaceNet dogs that are not in dogs42 (every
    fifth of the other identities, up to ``--unknown-dogs``), and prints the open-set metrics that

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-# testing.py silences TensorFlow's C++ start-up messages with this setting; the bare import gets
+# testing.py silences TensorFlow's C++ start-up messages with this setting. The bare import gets
 # it too, so that both sides of the comparison do the same logging work.
 QUIET_ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
 

@@ -1,4 +1,4 @@
-"""Unknown-animal detection and enrolment: the scores on data with a clear answer, testing.py's
+"""Unknown-animal detection and enrolment: the scores on data with a known outcome, testing.py's
 output and gallery, and real dogs that the model never saw."""
 
 import json

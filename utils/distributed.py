@@ -1,9 +1,9 @@
 """A training loop for ``tf.distribute.MultiWorkerMirroredStrategy``.
 
-Keras 3's ``fit()`` does not run under this strategy: before the first step it reduces a batch
-eagerly across workers, which fails with "Attempt to convert a value (PerReplica ...)", and it
-averages scalar metrics along an axis they lack (keras-team/keras issue 20585, TensorFlow 2.21,
-Keras 3.15). This loop does what ``fit()`` would: one synchronous step per batch across all
+Keras 3's ``fit()`` does not run under this strategy (measured with TensorFlow 2.21 and Keras
+3.15). Before the first step it reduces a batch eagerly across workers, which fails with "Attempt
+to convert a value (PerReplica ...)". It also averages scalar metrics along an axis they lack.
+This loop does what ``fit()`` would: one synchronous step per batch across all
 workers, loss and accuracy summed over every replica, validation after each epoch, and the usual
 callbacks (early stopping, checkpoints, backups, TensorBoard, CSV log). Every worker sees the same
 summed metrics, so callbacks such as early stopping decide alike on every worker.

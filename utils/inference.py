@@ -66,7 +66,7 @@ def freeze_graph(model) -> tuple[bytes, dict]:
 
 @dataclass
 class Scores:
-    """What a scorer returns for a batch of photos: one row per photo."""
+    """Outputs of a scorer for a batch of photos, one row per photo."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray
@@ -123,7 +123,7 @@ class KerasScorer:
 
 
 def graph_def_input_shape(graph_def, tensor_name: str) -> list:
-    """The shape of a placeholder in a GraphDef, with None for unknown dimensions."""
+    """Return the shape of a placeholder in a GraphDef, with None for unknown dimensions."""
     node_name = tensor_name.split(":")[0]
     node = next(node for node in graph_def.node if node.name == node_name)
     return [None if dim.size < 0 else dim.size for dim in node.attr["shape"].shape.dim]

@@ -6,8 +6,8 @@ A softmax always names a known class. Three scores tell how much a photo looks l
 - ``cosine``: the highest cosine similarity between the photo's embedding (the pooled backbone
   features that feed the head) and the mean embedding of each class's training photos.
 - ``mahalanobis``: minus the smallest Mahalanobis distance from the photo's penultimate features
-  (the input of the head's last layer, scaled to unit length) to a class mean, under one
-  covariance shared by all classes and shrunk with Ledoit-Wolf, as in Lee et al. (NeurIPS 2018).
+  (the input of the head's last layer, scaled to unit length) to a class mean. All classes share
+  one covariance, shrunk with scikit-learn's Ledoit-Wolf estimator.
 
 Training calibrates them on the validation split only. Validation photos all show known animals,
 so to compare the scores without unknown photos each validation photo is also scored as if its own
@@ -54,7 +54,7 @@ def cosine_similarities(embeddings: np.ndarray, means: np.ndarray) -> np.ndarray
 
 @dataclass
 class ClassModel:
-    """What the scores compare photos with: class means of embeddings, and Gaussians of penultimate features."""
+    """Class statistics that the scores compare photos with: embedding means and penultimate Gaussians."""
 
     embedding_means: np.ndarray  # (classes, embedding size)
     penultimate_means: np.ndarray  # (classes, penultimate size), of unit-length features
@@ -81,18 +81,18 @@ class ClassModel:
 
     def per_class(self, probabilities: np.ndarray, embeddings: np.ndarray,
                   penultimate: np.ndarray) -> dict[str, np.ndarray]:
-        """Each score of each photo for each class, shape (photos, classes) per score."""
+        """Compute every score of each photo for each class, shape (photos, classes) per score."""
         return {"max_probability": np.asarray(probabilities, dtype=np.float64),
                 "cosine": self.cosine(embeddings), "mahalanobis": self.mahalanobis(penultimate)}
 
 
 def known_scores(per_class: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each score of each photo, as a known animal: its best class."""
+    """Return each score of each photo as a known animal, that is for its best class."""
     return {name: values.max(axis=1) for name, values in per_class.items()}
 
 
 def held_out_scores(per_class: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
-    """Each score of each photo with its own class removed, as for an animal the model never saw."""
+    """Return each score of each photo with its own class removed, as for an animal the model never saw."""
     rows = np.arange(len(labels))
     scores = {}
     for name, values in per_class.items():
@@ -164,7 +164,7 @@ def open_set_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float) -
 
 @dataclass
 class Decision:
-    """What testing.py says about one photo."""
+    """The decision testing.py prints for one photo."""
 
     prediction: str  # a class name, an enrolled animal's name, or "unknown"
     score: float
@@ -176,10 +176,10 @@ class Decision:
 def decide(probabilities: np.ndarray, embeddings: np.ndarray, penultimate: np.ndarray, class_names: Sequence[str],
            class_model: ClassModel, calibration: Calibration, enrolled: dict[str, np.ndarray],
            threshold: float | None = None) -> list[Decision]:
-    """Name each photo's animal, or say it is unknown.
+    """Name each photo's animal, or mark it unknown.
 
     An enrolled animal is named when the photo's cosine similarity to its mean embedding reaches
-    the cosine threshold and beats the similarity to every trained class's mean; otherwise the
+    the cosine threshold and beats the similarity to every trained class's mean. Otherwise the
     trained head names its best class when the chosen score reaches the threshold (``threshold``
     overrides the calibrated one).
     """
