@@ -23,6 +23,10 @@ from utils.errors import UserError  # noqa: E402
 from utils.head import DEFAULT_HIDDEN, POOLINGS, parse_freeze  # noqa: E402
 from utils.training import DEFAULT_VIEWS  # noqa: E402
 
+# A fifth of the background animals are held out to choose the unknown-animal score: five leave
+# one held out and four to learn from.
+MIN_BACKGROUND_ANIMALS = 5
+
 
 def _positive_list(text: str, kind=int) -> tuple:
     """Parse a comma-separated list of positive numbers, for argparse."""
@@ -117,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     unknown.add_argument("--unknown-dir", type=Path, default=None, metavar="DIR",
                          help="folders of animals that are not in the granja: report how well they are flagged "
                               "as unknown (AUROC, shares flagged) on the test split plus these photos")
+    unknown.add_argument("--background-dir", type=Path, default=None, metavar="DIR",
+                         help="one folder of photos per animal of the same kind, none of them in the granja: "
+                              "learn an identity space from them, and choose the unknown-animal score against "
+                              f"a fifth of them held out (at least {MIN_BACKGROUND_ANIMALS} animals)")
 
     augment = parser.add_argument_group("augmentation (training split only)")
     defaults = AugmentConfig()
@@ -137,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_background_dir(background: Path, granja: Path, unknown: Path | None) -> None:
+    """Stop before training when --background-dir cannot serve: too few animals, or shared with the granja."""
+    from utils.data import scan_granja
+
+    if not background.is_dir():
+        raise UserError(f"--background-dir {background} is not a folder; give a folder with one sub-folder of "
+                        "photos per animal that is not in the granja")
+    animals = {name for name, photos in scan_granja(background).photos.items() if photos}
+    if len(animals) < MIN_BACKGROUND_ANIMALS:
+        raise UserError(f"--background-dir {background} has {len(animals)} animal folders with photos; give at "
+                        f"least {MIN_BACKGROUND_ANIMALS}, one sub-folder of photos per animal")
+    if granja.is_dir():
+        shared = sorted(animals & {entry.name for entry in granja.iterdir() if entry.is_dir()})
+        if shared:
+            raise UserError(f"--background-dir {background} has folders named like the granja's animals "
+                            f"({', '.join(shared[:3])}); background animals must be others: remove those folders")
+    if unknown is not None and background.resolve() == unknown.resolve():
+        raise UserError(f"--background-dir and --unknown-dir are both {background}; unknown animals that trained "
+                        "the identity space would not measure new ones: give two folders of different animals")
+
+
 def options_from_args(args: argparse.Namespace):
     """Check flag combinations and turn the parsed flags into TrainOptions."""
     from utils.training import TrainOptions
@@ -151,6 +180,8 @@ def options_from_args(args: argparse.Namespace):
         from utils.images import expand_photos
 
         expand_photos([args.unknown_dir])  # an empty folder stops here, before any training
+    if args.background_dir is not None:
+        check_background_dir(args.background_dir, args.dataset_dir / args.granja, args.unknown_dir)
     if not 0 <= args.rotation <= 180:
         raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")
     augment = AugmentConfig.off() if args.no_augment else AugmentConfig(
@@ -165,7 +196,8 @@ def options_from_args(args: argparse.Namespace):
         val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
         min_images=args.min_images, dedup_threshold=args.dedup_threshold, augment=augment,
         cache=not args.no_cache, views=args.views, strategy=args.strategy, resume=args.resume,
-        accept_rate=args.accept_rate, unknown_dir=args.unknown_dir, verbose=2 if args.quiet else 1,
+        accept_rate=args.accept_rate, unknown_dir=args.unknown_dir, background_dir=args.background_dir,
+        verbose=2 if args.quiet else 1,
     )
 
 

@@ -6,6 +6,7 @@
    fifth of the other identities, up to ``--unknown-dogs``), and prints the open-set metrics that
    training.py records: AUROC of each score, and the shares of unknown photos flagged and of known
    test photos wrongly flagged at the calibrated threshold.
+   With ``--background``, every other DogFaceNet dog is the ``--background-dir``.
 2. Enrols ``--enroll-dogs`` further DogFaceNet dogs (none of them in dogs42 or the unknown set)
    with ``testing.py --enroll`` from their first ``--enroll-photos`` photos each, then scores their
    other photos: the share named as the right dog. Also prints how the known test photos fare
@@ -48,7 +49,13 @@ def main() -> int:
     parser.add_argument("--enroll-dogs", type=int, default=10)
     parser.add_argument("--enroll-photos", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--background", action="store_true",
+                        help="train with --background-dir set to every other DogFaceNet dog (none of them in "
+                             "dogs42, the unknown set or the enrolled dogs)")
+    parser.add_argument("training_args", nargs=argparse.REMAINDER,
+                        help="further training.py flags, after --, for example -- --pooling max")
     args = parser.parse_args()
+    extra = args.training_args[1:] if args.training_args[:1] == ["--"] else args.training_args
 
     granjas = args.shared / "data" / "granjas"
     in_granja = {int(folder.name.split("_")[1]) for folder in (granjas / "dogs42").iterdir()}
@@ -58,14 +65,19 @@ def main() -> int:
     enroll_dogs = [folder for folder in others if folder not in unknown_dogs
                    and len(list(folder.iterdir())) >= args.enroll_photos + 5][:args.enroll_dogs]
 
+    background_dogs = [folder for folder in others if folder not in unknown_dogs and folder not in enroll_dogs]
+
     with tempfile.TemporaryDirectory(prefix="bench_open_set_") as temp:
         temp = Path(temp)
         unknown_photos = link_dogs(unknown_dogs, temp / "unknown")
+        if args.background:
+            background_photos = link_dogs(background_dogs, temp / "background")
+            extra = ["--background-dir", str(temp / "background"), *extra]
         models = temp / "models"
         subprocess.run([sys.executable, str(REPO / "training.py"), "-ng", "dogs42", "--dataset-dir", str(granjas),
                         "-m", "mobilenetv2", "--weights", args.weights, "-e", str(args.epochs), "--models-dir",
                         str(models), "--logs-dir", str(temp / "logs"), "--unknown-dir", str(temp / "unknown"),
-                        "--quiet"], check=True, stdout=subprocess.DEVNULL)
+                        "--quiet", *extra], check=True, stdout=subprocess.DEVNULL)
         record = json.loads((models / "dogs42" / "training.json").read_text(encoding="utf-8"))
         open_set = record["open_set"]
 
@@ -106,11 +118,13 @@ def main() -> int:
         unknown_enrolled = sum(decision.enrolled for decision in decisions(unknown_paths))
 
     unknown = open_set["unknown_test"]
+    if args.background:
+        print(f"background: {len(background_dogs)} other DogFaceNet dogs, {background_photos} photos")
     print(f"dogs42, mobilenetv2 with {Path(args.weights).name}, {args.epochs} epochs; test accuracy "
           f"{record['metrics']['test_accuracy']:.4f}")
     print(f"unknown dogs: {len(unknown_dogs)} DogFaceNet dogs, {unknown_photos} photos; known: "
           f"{unknown['known_photos']} test photos; accept rate {open_set['accept_rate']}")
-    print(f"validation held-out-class AUROC: " + ", ".join(f"{name} {value:.3f}" for name, value in
+    print(f"validation AUROC against {open_set['validation_unknowns']}: " + ", ".join(f"{name} {value:.3f}" for name, value in
                                                            open_set["validation_auroc"].items()))
     for name, metrics in unknown["by_score"].items():
         chosen = " (chosen)" if name == open_set["score"] else ""

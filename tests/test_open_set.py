@@ -16,8 +16,8 @@ from test_training import CLASSES, make_granja, train_args
 
 import testing
 import training
-from utils.open_set import (ClassModel, Decision, auroc, calibrate, decide, held_out_scores, known_scores,
-                            open_set_metrics)
+from utils.open_set import (ClassModel, Decision, auroc, calibrate, decide, fit_identity_projections,
+                            held_out_scores, known_scores, open_set_metrics)
 
 
 def blobs(rng, centres, per_centre, spread=0.05):
@@ -82,6 +82,53 @@ def test_decide_names_enrolled_trained_and_unknown():
     strict = decide(probabilities, photos, photos, ["rex", "luna"], model, calibration, {}, threshold=1e9)
     assert all(decision.prediction == "unknown" for decision in strict)
     assert isinstance(strict[0], Decision)
+
+
+def nuisance_photos(rng, identities, per_identity, nuisance=8):
+    """Embeddings whose first dimensions tell the animal and whose last ``nuisance`` ones are large noise.
+
+    Raw cosine similarity is swamped by the noise; a projection that learns to drop it is not.
+    """
+    points, labels = blobs(rng, identities, per_identity, spread=0.1)
+    return np.concatenate([points, 3 * rng.standard_normal((len(points), nuisance))], axis=1), labels
+
+
+def test_identity_projection_learns_what_tells_animals_apart():
+    rng = np.random.default_rng(2)
+    identities = rng.standard_normal((40, 16)) + 0.5  # 4 granja animals, 28 background, 8 never seen
+    train_x, train_y = nuisance_photos(rng, identities[:32], 16)
+    val_x, val_y = nuisance_photos(rng, identities[:4], 6)
+    background_x, _ = nuisance_photos(rng, identities[32:36], 6)  # held out of the projection's training
+    unknown_x, _ = nuisance_photos(rng, identities[36:], 6)
+    projection = fit_identity_projections(train_x, train_y, seed=0)
+    assert projection[0].shape == (24, 3 * 256) and projection[1].shape == (3 * 256,)
+    granja = train_y < 4
+    model = ClassModel.fit(train_x[granja], train_x[granja], train_y[granja], 4, projection)
+    assert np.allclose(np.linalg.norm(model.identity(val_x), axis=1), 1.0)
+
+    def per_class(points):
+        return model.per_class(np.full((len(points), 4), 0.25), points, points)
+
+    calibration = calibrate(per_class(val_x), val_y, 0.9, unknown_per_class=per_class(background_x))
+    assert calibration.validation_unknowns == "background"
+    assert calibration.validation_auroc[calibration.score] == max(calibration.validation_auroc.values())
+    known, unknown = known_scores(per_class(val_x)), known_scores(per_class(unknown_x))
+    assert auroc(known["identity_cosine"], unknown["identity_cosine"]) > 0.95
+    assert auroc(known["identity_cosine"], unknown["identity_cosine"]) > auroc(known["cosine"], unknown["cosine"]) + 0.1
+
+    # The arrays saved in open_set.npz rebuild the same model.
+    copy = ClassModel.from_arrays(model.arrays())
+    assert np.allclose(copy.identity(unknown_x), model.identity(unknown_x))
+
+    # Enrolled animals are compared in the identity space.
+    newcomer = nuisance_photos(rng, identities[36:37], 5)[0]
+    decisions = decide(np.full((len(unknown_x), 4), 0.25), unknown_x, unknown_x, ["a", "b", "c", "d"], model,
+                       calibration, {"Nieve": newcomer.mean(axis=0)})
+    named = [decision.prediction for decision in decisions[:6]]
+    assert named.count("Nieve") >= 4, named
+    assert decisions[0].score_name == "identity_cosine"
+    others = [decision.prediction for decision in decisions[6:]]
+    assert others.count("Nieve") <= 1, others
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +231,36 @@ def test_gallery_survives_retraining_the_head(farm, tmp_path):
     assert "ignoring enrolled animals Nieve" in result.stderr
 
 
+def test_training_with_a_background_set(tmp_path):
+    from conftest import write_photo
+
+    make_granja(tmp_path / "dataset" / "farm")
+    for animal in range(5):
+        for photo in range(3):
+            write_photo(tmp_path / "strays" / f"stray {animal}" / f"{photo}.jpg", seed=10 * animal + photo)
+    assert training.main(train_args(tmp_path, "-m", "mobilenetv2", "--weights", "none", "--input-size", "32",
+                                    "-e", "1", "-bs", "4", "--hidden", "8",
+                                    "--background-dir", str(tmp_path / "strays"))) == 0
+    folder = tmp_path / "models" / "farm"
+    record = json.loads((folder / "training.json").read_text(encoding="utf-8"))["open_set"]
+    assert record["validation_unknowns"] == "background"
+    assert {"identity_cosine", "identity_mahalanobis"} <= set(record["validation_auroc"])
+    with np.load(folder / "open_set.npz") as arrays:
+        assert arrays["projection_kernel"].shape == (1280, 3 * 256)
+        assert arrays["identity_means"].shape == (3, 3 * 256)
+    # The background photos' features join the granja's cache for the next run.
+    assert sum(1 for _ in (folder / "cache").rglob("*.clean.npy")) == 18 + 15
+
+    photo = tmp_path / "dataset" / "farm" / "rex" / "ñandú 0.jpg"
+    result = subprocess.run([sys.executable, "testing.py", "-ng", "farm", "--models-dir", str(tmp_path / "models"),
+                             "--format", "full", "--img", str(photo)], cwd=REPO, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    full = json.loads(result.stdout)
+    assert full["threshold"] == pytest.approx(record["threshold"])
+    assert "prediction: " in result.stderr
+
+
 def link_dogs(dogs, target):
     for dog in dogs:
         (target / dog.name).mkdir(parents=True)
@@ -193,7 +270,7 @@ def link_dogs(dogs, target):
 
 @pytest.mark.slow
 def test_real_dogs_unknown_and_enrolled(tmp_path):
-    """Ten dogs of dogs42 as the granja; other DogFaceNet dogs as unknown and newly enrolled animals."""
+    """Ten dogs of dogs42 as the granja; other DogFaceNet dogs as unknown, background and enrolled animals."""
     granja = shared_path("data", "granjas", "dogs42")
     weights = shared_path("weights", "mobilenet_v2_dogbreeds_notop.weights.h5")
     dogfacenet = shared_path("data", "dogfacenet")
@@ -204,11 +281,13 @@ def test_real_dogs_unknown_and_enrolled(tmp_path):
                     key=lambda folder: int(folder.name))
     link_dogs(others[:15], tmp_path / "unknown")
     newcomer = next(folder for folder in others[15:] if len(list(folder.iterdir())) >= 10)
+    link_dogs([folder for folder in others[15:115] if folder != newcomer], tmp_path / "background")
 
     code = training.main(["-ng", "dogs", "--dataset-dir", str(tmp_path / "dataset"), "--models-dir",
                           str(tmp_path / "models"), "--logs-dir", str(tmp_path / "logs"), "-m", "mobilenetv2",
                           "--weights", str(weights), "--input-size", "128", "-e", "10", "--views", "1",
-                          "--unknown-dir", str(tmp_path / "unknown"), "--quiet"])
+                          "--unknown-dir", str(tmp_path / "unknown"), "--background-dir", str(tmp_path / "background"),
+                          "--quiet"])
     assert code == 0
     record = json.loads((tmp_path / "models" / "dogs" / "training.json").read_text(encoding="utf-8"))
     unknown = record["open_set"]["unknown_test"]
@@ -216,6 +295,8 @@ def test_real_dogs_unknown_and_enrolled(tmp_path):
     assert unknown["auroc"] > 0.8
     assert unknown["unknown_flagged"] > 0.5
     assert record["metrics"]["open_set"]["auroc"] == unknown["auroc"]
+    assert record["open_set"]["validation_unknowns"] == "background"
+    assert unknown["by_score"]["identity_cosine"]["auroc"] > 0.8
 
     photos = sorted(newcomer.iterdir())
     args = ["-ng", "dogs", "--models-dir", str(tmp_path / "models")]

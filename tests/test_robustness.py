@@ -278,3 +278,33 @@ def test_empty_unknown_dir_stops_before_training(tmp_path):
     (tmp_path / "strangers").mkdir()
     assert_one_line_error(run_training(tmp_path, "--unknown-dir", str(tmp_path / "strangers")), "no photos in folder")
     assert not (tmp_path / "logs").exists()
+
+
+def make_background(root, animals=5, photos=2):
+    """Photos of animals outside the granja, one folder per animal."""
+    for animal in range(animals):
+        for photo in range(photos):
+            write_photo(root / f"stray {animal}" / f"{photo}.jpg", seed=100 + 10 * animal + photo)
+    return root
+
+
+def background_with_a_granja_animal(root):
+    make_background(root)
+    write_photo(root / "rex" / "0.jpg", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("build, fragment", [
+    (lambda tmp: tmp / "missing", "is not a folder"),
+    (lambda tmp: make_background(tmp / "strays", animals=4), "has 4 animal folders with photos; give at least 5"),
+    (lambda tmp: background_with_a_granja_animal(tmp / "strays"), "folders named like the granja's"),
+    (lambda tmp: make_background(tmp / "strangers"), "are both"),
+])
+def test_bad_background_dir_stops_before_training(tmp_path, build, fragment):
+    make_granja(tmp_path / "dataset" / "farm")
+    background = build(tmp_path)
+    flags = ["--background-dir", str(background)]
+    if fragment == "are both":
+        flags += ["--unknown-dir", str(background)]
+    assert_one_line_error(run_training(tmp_path, *flags), fragment)
+    assert not (tmp_path / "logs").exists()

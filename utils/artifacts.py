@@ -8,8 +8,9 @@
 - ``inference.pb``: the same network frozen into a TensorFlow graph, which loads faster than
   ``model.keras``; ``training.json`` records the SHA-256 of both files, and ``load_scorer``
   falls back to ``model.keras`` when they no longer match.
-- ``open_set.npz``: the class means and covariance that unknown-animal detection compares photos
-  with; its score and thresholds are in ``training.json`` under ``open_set``.
+- ``open_set.npz``: the class means and covariances that unknown-animal detection compares photos
+  with, and the identity projection when training had a background set; its score and
+  thresholds are in ``training.json`` under ``open_set``.
 - ``gallery.json``: animals enrolled with ``testing.py --enroll``, kept when the granja is retrained.
 
 A training run writes all but the gallery into a staging folder and then swaps whole folders, so a crash
@@ -298,15 +299,13 @@ def load_keras_model(path: Path):
 
 
 def write_open_set_arrays(folder: Path, class_model) -> None:
-    """Write the class means and covariance of unknown-animal detection to ``open_set.npz``."""
+    """Write the class means, covariances and identity projection of unknown-animal detection to ``open_set.npz``."""
     import io
 
     import numpy as np
 
     buffer = io.BytesIO()
-    np.savez(buffer, embedding_means=class_model.embedding_means.astype(np.float32),
-             penultimate_means=class_model.penultimate_means.astype(np.float32),
-             precision=class_model.precision.astype(np.float32))
+    np.savez(buffer, **{name: array.astype(np.float32) for name, array in class_model.arrays().items()})
     atomic_write_bytes(folder / OPEN_SET_FILE, buffer.getvalue())
 
 
@@ -340,10 +339,13 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
         return None
     try:
         with np.load(path) as arrays:
-            class_model = ClassModel(*(arrays[name].astype(np.float64) for name in
-                                       ("embedding_means", "penultimate_means", "precision")))
-    except (OSError, ValueError, KeyError) as err:
+            class_model = ClassModel.from_arrays(arrays)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot read {path} ({err}); retrain the granja") from err
+    calibration = Calibration.from_dict(record)
+    if calibration.score.startswith("identity") and not class_model.has_identity:
+        raise UserError(f"{path} lacks the identity projection that training.json's {calibration.score} score "
+                        "needs; retrain the granja or restore its files together")
     if len(class_model.embedding_means) != len(trained.class_names):
         raise UserError(f"{path} contains {len(class_model.embedding_means)} class means but {trained.folder / LABELS_FILE} "
                         f"lists {len(trained.class_names)} classes; retrain the granja or restore its files together")
@@ -352,7 +354,7 @@ def load_open_set(trained: TrainedGranja) -> OpenSet | None:
     enrolled = {name: np.asarray(entry["mean"], dtype=np.float64) for name, entry in gallery.items()
                 if entry.get("embedding_key") == key}
     stale = sorted(name for name, entry in gallery.items() if entry.get("embedding_key") != key)
-    return OpenSet(class_model=class_model, calibration=Calibration.from_dict(record), embedding_key=key,
+    return OpenSet(class_model=class_model, calibration=calibration, embedding_key=key,
                    enrolled=enrolled, stale=stale)
 
 

@@ -16,8 +16,21 @@ the other class means only), as an animal the model never saw would be. The scor
 separate better (higher AUROC) is used, with the threshold that accepts ``accept_rate`` of the
 known validation photos.
 
-Enrolled animals are mean embeddings of a few photos, recognised by cosine similarity alongside
-the trained head.
+With a background set (photos of other animals of the same kind, one folder per animal, none of
+them in the granja), training also learns an identity space: a linear projection of the embedding
+trained with a large-margin cosine loss (CosFace) to tell apart the granja's animals and the
+background animals. Many animals teach the projection what separates individuals in general,
+where the head only learns to separate the granja's few. Two more scores use it:
+
+- ``identity_cosine``: the highest cosine similarity, in the identity space, to a class mean.
+- ``identity_mahalanobis``: as ``mahalanobis``, in the identity space.
+
+Three such projections from different random starts are joined. A fifth of the background
+animals are held out of that training, and the scores are compared
+on real unknown photos: the validation photos against those animals' photos.
+
+Enrolled animals are mean embeddings of a few photos, recognised by cosine similarity (in the
+identity space when there is one) alongside the trained head.
 """
 
 from collections.abc import Sequence
@@ -27,7 +40,9 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 
-SCORES = ("max_probability", "cosine", "mahalanobis")
+SCORES = ("max_probability", "cosine", "mahalanobis", "identity_cosine", "identity_mahalanobis")
+IDENTITY_SIZE = 256
+IDENTITY_PROJECTIONS = 3
 DEFAULT_ACCEPT_RATE = 0.95
 UNKNOWN = "unknown"
 
@@ -52,38 +67,139 @@ def cosine_similarities(embeddings: np.ndarray, means: np.ndarray) -> np.ndarray
     return normalize(embeddings) @ normalize(means).T
 
 
+def _shared_gaussians(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class means of unit-length features and the inverse of their shared Ledoit-Wolf covariance."""
+    unit = normalize(features)
+    means = class_means(unit, labels, num_classes)
+    return means, LedoitWolf().fit(unit - means[labels]).precision_
+
+
+def _mahalanobis(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Minus the squared Mahalanobis distance of each unit-length row to each mean, shape (photos, means)."""
+    unit = normalize(features)
+    return -np.stack([np.einsum("ij,jk,ik->i", unit - mean, precision, unit - mean) for mean in means], axis=1)
+
+
 @dataclass
 class ClassModel:
-    """Class statistics that the scores compare photos with: embedding means and penultimate Gaussians."""
+    """Class statistics that the scores compare photos with: embedding means and penultimate Gaussians.
+
+    The identity fields are set when training had a background set, and are None otherwise.
+    """
 
     embedding_means: np.ndarray  # (classes, embedding size)
     penultimate_means: np.ndarray  # (classes, penultimate size), of unit-length features
     precision: np.ndarray  # (penultimate size, penultimate size), shared inverse covariance
+    projection_kernel: np.ndarray | None = None  # (embedding size, identity size)
+    projection_bias: np.ndarray | None = None  # (identity size,)
+    identity_means: np.ndarray | None = None  # (classes, identity size), of unit-length features
+    identity_precision: np.ndarray | None = None  # (identity size, identity size)
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, penultimate: np.ndarray, labels: np.ndarray,
-            num_classes: int) -> "ClassModel":
-        """Fit on the training photos' embeddings and penultimate features."""
-        unit = normalize(penultimate)
-        means = class_means(unit, labels, num_classes)
-        precision = LedoitWolf().fit(unit - means[labels]).precision_
-        return cls(class_means(embeddings, labels, num_classes), means, precision)
+    def fit(cls, embeddings: np.ndarray, penultimate: np.ndarray, labels: np.ndarray, num_classes: int,
+            projection: tuple[np.ndarray, np.ndarray] | None = None) -> "ClassModel":
+        """Fit on the training photos' embeddings and penultimate features (and identity features)."""
+        means, precision = _shared_gaussians(penultimate, labels, num_classes)
+        model = cls(class_means(embeddings, labels, num_classes), means, precision)
+        if projection is not None:
+            model.projection_kernel, model.projection_bias = (np.asarray(array, dtype=np.float64)
+                                                              for array in projection)
+            model.identity_means, model.identity_precision = _shared_gaussians(
+                model.identity(embeddings), labels, num_classes)
+        return model
+
+    @property
+    def has_identity(self) -> bool:
+        return self.projection_kernel is not None
+
+    def identity(self, embeddings: np.ndarray) -> np.ndarray:
+        """Unit-length identity features of embeddings, shape (photos, identity size).
+
+        The kernel's columns hold several projections side by side, ``IDENTITY_SIZE`` each: each
+        projection's output is scaled to unit length before they are joined.
+        """
+        projected = np.asarray(embeddings, dtype=np.float64) @ self.projection_kernel + self.projection_bias
+        blocks = np.split(projected, max(1, projected.shape[1] // IDENTITY_SIZE), axis=1)
+        return normalize(np.concatenate([normalize(block) for block in blocks], axis=1))
 
     def cosine(self, embeddings: np.ndarray) -> np.ndarray:
         return cosine_similarities(embeddings, self.embedding_means)
 
     def mahalanobis(self, penultimate: np.ndarray) -> np.ndarray:
         """Minus the squared Mahalanobis distance of each photo to each class mean, shape (photos, classes)."""
-        unit = normalize(penultimate)
-        distances = [np.einsum("ij,jk,ik->i", unit - mean, self.precision, unit - mean)
-                     for mean in self.penultimate_means]
-        return -np.stack(distances, axis=1)
+        return _mahalanobis(penultimate, self.penultimate_means, self.precision)
 
     def per_class(self, probabilities: np.ndarray, embeddings: np.ndarray,
                   penultimate: np.ndarray) -> dict[str, np.ndarray]:
         """Compute every score of each photo for each class, shape (photos, classes) per score."""
-        return {"max_probability": np.asarray(probabilities, dtype=np.float64),
-                "cosine": self.cosine(embeddings), "mahalanobis": self.mahalanobis(penultimate)}
+        scores = {"max_probability": np.asarray(probabilities, dtype=np.float64),
+                  "cosine": self.cosine(embeddings), "mahalanobis": self.mahalanobis(penultimate)}
+        if self.has_identity:
+            identity = self.identity(embeddings)
+            scores["identity_cosine"] = cosine_similarities(identity, self.identity_means)
+            scores["identity_mahalanobis"] = _mahalanobis(identity, self.identity_means, self.identity_precision)
+        return scores
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays to save, by name; ``from_arrays`` reads them back."""
+        names = ["embedding_means", "penultimate_means", "precision"]
+        if self.has_identity:
+            names += ["projection_kernel", "projection_bias", "identity_means", "identity_precision"]
+        return {name: getattr(self, name) for name in names}
+
+    @classmethod
+    def from_arrays(cls, arrays) -> "ClassModel":
+        return cls(**{name: np.asarray(arrays[name], dtype=np.float64) for name in arrays})
+
+
+def fit_identity_projections(embeddings: np.ndarray, labels: np.ndarray, *, count: int = IDENTITY_PROJECTIONS,
+                             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learn ``count`` projections from different random starts and join them side by side.
+
+    One projection's scores move by a few points from seed to seed; joining three steadies them.
+    """
+    fitted = [fit_identity_projection(embeddings, labels, seed=seed + index) for index in range(count)]
+    return np.concatenate([kernel for kernel, _ in fitted], axis=1), np.concatenate([bias for _, bias in fitted])
+
+
+def fit_identity_projection(embeddings: np.ndarray, labels: np.ndarray, *, size: int = IDENTITY_SIZE,
+                            epochs: int = 30, batch_size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learn a linear projection of embeddings in which photos of one animal lie close together.
+
+    Trained with the large-margin cosine loss (CosFace: scale 24, margin 0.2) over every animal in
+    ``labels``, the granja's and the background's.
+
+    Returns:
+        The kernel, shape (embedding size, ``size``), and the bias, shape (``size``,).
+    """
+    import keras
+    import tensorflow as tf
+
+    scale, margin = 24.0, 0.2
+    keras.utils.set_random_seed(seed)
+    labels = np.unique(np.asarray(labels), return_inverse=True)[1].astype(np.int32)
+    classes = int(labels.max()) + 1
+    projection = keras.layers.Dense(size, name="identity")
+    projection.build((None, embeddings.shape[1]))
+    centres = tf.Variable(tf.random.normal((size, classes), stddev=0.05, seed=seed), name="centres")
+    optimizer = keras.optimizers.Adam(1e-3)
+    variables = [*projection.trainable_variables, centres]
+    dataset = tf.data.Dataset.from_tensor_slices((np.asarray(embeddings, dtype=np.float32), labels))
+    dataset = dataset.shuffle(len(labels), seed=seed).batch(batch_size)
+
+    @tf.function
+    def step(batch, batch_labels):
+        with tf.GradientTape() as tape:
+            cosine = tf.math.l2_normalize(projection(batch), axis=1) @ tf.math.l2_normalize(centres, axis=0)
+            logits = scale * (cosine - margin * tf.one_hot(batch_labels, classes))
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(batch_labels, logits))
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+    for _ in range(epochs):
+        for batch, batch_labels in dataset:
+            step(batch, batch_labels)
+    kernel, bias = (np.asarray(variable) for variable in projection.weights)
+    return kernel, bias
 
 
 def known_scores(per_class: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -121,6 +237,7 @@ class Calibration:
     thresholds: dict[str, float]
     accept_rate: float
     validation_auroc: dict[str, float]
+    validation_unknowns: str = "held_out_classes"  # or "background": what the AUROCs compare with
 
     @property
     def threshold(self) -> float:
@@ -130,28 +247,37 @@ class Calibration:
         return {"score": self.score, "threshold": round(self.threshold, 6),
                 "thresholds": {name: round(value, 6) for name, value in self.thresholds.items()},
                 "accept_rate": self.accept_rate,
-                "validation_auroc": {name: round(value, 6) for name, value in self.validation_auroc.items()}}
+                "validation_auroc": {name: round(value, 6) for name, value in self.validation_auroc.items()},
+                "validation_unknowns": self.validation_unknowns}
 
     @classmethod
     def from_dict(cls, record: dict) -> "Calibration":
         return cls(score=record["score"], thresholds=dict(record["thresholds"]), accept_rate=record["accept_rate"],
-                   validation_auroc=dict(record["validation_auroc"]))
+                   validation_auroc=dict(record["validation_auroc"]),
+                   validation_unknowns=record.get("validation_unknowns", "held_out_classes"))
 
 
-# NOTE: on dogs42 against 100 DogFaceNet dogs it never saw, the best score reaches an AUROC of
-# 0.91 and flags 71% of unknown photos, short of 0.93 and 80%; docs/benchmarks.md lists what was tried.
-def calibrate(per_class: dict[str, np.ndarray], labels: np.ndarray,
-              accept_rate: float = DEFAULT_ACCEPT_RATE) -> Calibration:
+# NOTE: without a background set, the best score on dogs42 against 100 DogFaceNet dogs it never saw
+# reaches an AUROC of 0.91 and flags 71% of unknown photos; docs/benchmarks.md has the figures.
+def calibrate(per_class: dict[str, np.ndarray], labels: np.ndarray, accept_rate: float = DEFAULT_ACCEPT_RATE,
+              unknown_per_class: dict[str, np.ndarray] | None = None) -> Calibration:
     """Choose the score and thresholds from validation photos of known animals.
 
-    Each threshold is the score that ``accept_rate`` of the validation photos reach or exceed.
+    Scores are compared by how well they separate the validation photos from ``unknown_per_class``
+    (photos of animals held out of training) when given, else from the validation photos scored
+    with their own class removed. Each threshold is the score that ``accept_rate`` of the
+    validation photos reach or exceed.
     """
     known = known_scores(per_class)
-    held_out = held_out_scores(per_class, labels)
-    separation = {name: auroc(known[name], held_out[name]) for name in per_class}
+    if unknown_per_class is None:
+        unknown, kind = held_out_scores(per_class, labels), "held_out_classes"
+    else:
+        unknown, kind = known_scores(unknown_per_class), "background"
+    separation = {name: auroc(known[name], unknown[name]) for name in per_class}
     thresholds = {name: float(np.quantile(known[name], 1.0 - accept_rate, method="lower")) for name in per_class}
     best = max(separation, key=lambda name: separation[name])
-    return Calibration(score=best, thresholds=thresholds, accept_rate=accept_rate, validation_auroc=separation)
+    return Calibration(score=best, thresholds=thresholds, accept_rate=accept_rate, validation_auroc=separation,
+                       validation_unknowns=kind)
 
 
 def open_set_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float) -> dict[str, float]:
@@ -178,29 +304,33 @@ def decide(probabilities: np.ndarray, embeddings: np.ndarray, penultimate: np.nd
            threshold: float | None = None) -> list[Decision]:
     """Name each photo's animal, or mark it unknown.
 
-    An enrolled animal is named when the photo's cosine similarity to its mean embedding reaches
-    the cosine threshold and beats the similarity to every trained class's mean. Otherwise the
-    trained head names its best class when the chosen score reaches the threshold (``threshold``
-    overrides the calibrated one).
+    An enrolled animal is named when the photo's cosine similarity to its mean embedding (both in
+    the identity space when the granja has one) reaches that similarity's threshold and beats the
+    similarity to every trained class's mean. Otherwise the trained head names its best class when
+    the chosen score reaches the threshold (``threshold`` overrides the calibrated one).
     """
     threshold = calibration.threshold if threshold is None else threshold
-    trained_cosine = class_model.cosine(embeddings)
+    per_class = class_model.per_class(probabilities, embeddings, penultimate)
+    scores = per_class[calibration.score].max(axis=1)
+    similarity_name = "identity_cosine" if class_model.has_identity else "cosine"
     names = list(enrolled)
-    enrolled_cosine = cosine_similarities(embeddings, np.stack([enrolled[name] for name in names])) if names else None
-    if calibration.score == "max_probability":
-        scores = np.asarray(probabilities).max(axis=1)
-    elif calibration.score == "cosine":
-        scores = trained_cosine.max(axis=1)
-    else:
-        scores = class_model.mahalanobis(penultimate).max(axis=1)
-    cosine_threshold = threshold if calibration.score == "cosine" else calibration.thresholds["cosine"]
+    enrolled_similarity = None
+    if names:
+        gallery = np.stack([enrolled[name] for name in names])
+        if class_model.has_identity:
+            enrolled_similarity = cosine_similarities(class_model.identity(embeddings), class_model.identity(gallery))
+        else:
+            enrolled_similarity = cosine_similarities(embeddings, gallery)
+    trained_similarity = per_class[similarity_name]
+    similarity_threshold = threshold if calibration.score == similarity_name else calibration.thresholds[similarity_name]
     decisions = []
     for row in range(len(probabilities)):
-        if enrolled_cosine is not None:
-            best = int(enrolled_cosine[row].argmax())
-            similarity = float(enrolled_cosine[row, best])
-            if similarity >= cosine_threshold and similarity > float(trained_cosine[row].max()):
-                decisions.append(Decision(names[best], similarity, cosine_threshold, "cosine", enrolled=True))
+        if enrolled_similarity is not None:
+            best = int(enrolled_similarity[row].argmax())
+            similarity = float(enrolled_similarity[row, best])
+            if similarity >= similarity_threshold and similarity > float(trained_similarity[row].max()):
+                decisions.append(Decision(names[best], similarity, similarity_threshold, similarity_name,
+                                          enrolled=True))
                 continue
         score = float(scores[row])
         name = class_names[int(np.argmax(probabilities[row]))] if score >= threshold else UNKNOWN

@@ -63,6 +63,7 @@ class TrainOptions:
     views: int = DEFAULT_VIEWS
     accept_rate: float = 0.95
     unknown_dir: Path | None = None
+    background_dir: Path | None = None
     verbose: int = 1
 
 
@@ -467,7 +468,7 @@ def resume_folder(options: TrainOptions) -> Path:
 def options_from_record(record: dict) -> TrainOptions:
     """Rebuild TrainOptions from ``options_record`` output, as saved for ``--resume``."""
     values = dict(record)
-    for key in ("dataset_dir", "models_dir", "logs_dir", "cache_dir", "unknown_dir"):
+    for key in ("dataset_dir", "models_dir", "logs_dir", "cache_dir", "unknown_dir", "background_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     values["hidden"] = tuple(values["hidden"])
@@ -587,7 +588,8 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
         raise UserError(f"training diverged: the model's scores are not finite (NaN); the previous model in "
                         f"{options.models_dir / options.granja} is kept; lower --lr (now {options.lr}) or "
                         "check the weights file")
-    open_set, class_model = calibrate_open_set(model, data, embeddings, probabilities, options)
+    background = _background_embeddings(model, options, weights, cache_key if use_cache else None)
+    open_set, class_model = calibrate_open_set(model, data, embeddings, probabilities, options, background)
 
     y_true = data.labels[test_split]
     y_pred = probabilities.argmax(axis=1)
@@ -658,30 +660,80 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
     return {**metrics, "run_folder": str(run_folder), "metadata": metadata}
 
 
+def _background_embeddings(model, options: TrainOptions, weights: str,
+                           cache_key: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Embeddings of the --background-dir photos and their animal indices; None without the flag.
+
+    With ``cache_key`` they are read from and added to the granja's feature cache, so a second
+    run with the same backbone reuses them.
+    """
+    if options.background_dir is None:
+        return None
+    from utils.features import FeatureCache, cached_features, photo_digest, split_at_head, weights_identity
+
+    scan = scan_granja(options.background_dir)
+    paths = [path for photos in scan.photos.values() for path in photos]
+    animals = [index for index, photos in enumerate(scan.photos.values()) for _ in photos]
+    started = time.monotonic()
+    images, kept, failed = decode_photos(paths, options.input_size)
+    for path, reason in failed:
+        logger.warning("skipping a background photo that does not decode: %s (%s)", path, reason)
+    cache = None
+    if cache_key is not None:
+        cache_root = options.cache_dir or options.models_dir / options.granja / artifacts.CACHE_FOLDER
+        cache = FeatureCache(cache_root, {**cache_key, "weights": weights_identity(weights)})
+    extractor, _ = split_at_head(model)
+    digests = [photo_digest(paths[index]) for index in kept]
+    embeddings = cached_features(cache, digests, extractor, images, options.batch_size)
+    logger.info("background: %d photos of %d animals embedded in %.1f s", len(kept), len(scan.photos),
+                time.monotonic() - started)
+    return embeddings, np.asarray(animals)[kept]
+
+
 def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_probabilities: np.ndarray,
-                       options: TrainOptions):
+                       options: TrainOptions, background: tuple[np.ndarray, np.ndarray] | None = None):
     """Calibrate unknown-animal detection on the validation split; score --unknown-dir if given.
+
+    With ``background`` (embeddings and animal indices of animals outside the granja), a seeded
+    fifth of those animals are held out as validation unknowns, and an identity projection is
+    learned from the granja's training photos and the other background animals.
 
     Returns the record kept in ``training.json`` and the fitted ``ClassModel``.
     """
     from utils.features import compute_features, penultimate_model, split_at_head
-    from utils.open_set import ClassModel, calibrate, known_scores, open_set_metrics
+    from utils.open_set import ClassModel, calibrate, fit_identity_projections, known_scores, open_set_metrics
 
     extractor, head = split_at_head(model)
     penultimate = penultimate_model(model)
     train_split, val_split, test_split = (np.asarray(data.split[name]) for name in SPLIT_NAMES)
+    projection = held_out = None
+    if background is not None:
+        background_embeddings, animals = background
+        order = np.random.default_rng(options.seed).permutation(np.unique(animals))
+        held_out = np.isin(animals, order[:max(1, len(order) // 5)])
+        started = time.monotonic()
+        projection = fit_identity_projections(
+            np.concatenate([embeddings[train_split], background_embeddings[~held_out]]),
+            np.concatenate([data.labels[train_split], len(data.class_names) + animals[~held_out]]),
+            seed=options.seed)
+        logger.info("identity projections learned from %d granja animals and %d background animals in %.1f s",
+                    len(data.class_names), len(order) - len(np.unique(animals[held_out])), time.monotonic() - started)
     class_model = ClassModel.fit(embeddings[train_split], _batched(penultimate, embeddings[train_split]),
-                                 data.labels[train_split], len(data.class_names))
+                                 data.labels[train_split], len(data.class_names), projection)
 
     def per_class(photo_embeddings, probabilities=None):
         if probabilities is None:
             probabilities = _batched(head, photo_embeddings)
         return class_model.per_class(probabilities, photo_embeddings, _batched(penultimate, photo_embeddings))
 
-    calibration = calibrate(per_class(embeddings[val_split]), data.labels[val_split], options.accept_rate)
+    validation_unknowns = None if background is None else per_class(background[0][held_out])
+    calibration = calibrate(per_class(embeddings[val_split]), data.labels[val_split], options.accept_rate,
+                            validation_unknowns)
     record = calibration.to_dict()
-    logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; "
-                "held-out-class AUROC %s)", calibration.score, calibration.threshold, 100 * options.accept_rate,
+    against = ("held-out-class AUROC" if background is None
+               else f"AUROC against {int(held_out.sum())} photos of held-out background animals")
+    logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; %s: %s)",
+                calibration.score, calibration.threshold, 100 * options.accept_rate, against,
                 ", ".join(f"{name} {value:.3f}" for name, value in calibration.validation_auroc.items()))
 
     if options.unknown_dir is not None:
