@@ -130,6 +130,9 @@ def main() -> int:
         chosen = " (chosen)" if name == open_set["score"] else ""
         print(f"  {name:<16} AUROC {metrics['auroc']:.3f}  unknown flagged {metrics['unknown_flagged']:.1%}  "
               f"known flagged {metrics['known_flagged']:.1%}{chosen}")
+    if "enrolment_threshold" in open_set:
+        print(f"enrolment threshold {open_set['enrolment_threshold']:.4f} "
+              f"(threshold of the trained classes {open_set['threshold']:.4f})")
     print(f"enrolment: {len(enroll_dogs)} new dogs from {args.enroll_photos} photos each; their other {total} photos "
           f"named right {named / total:.1%}")
     print(f"known test photos with those dogs enrolled: {test_right / len(test_paths):.1%} named right, "

@@ -16,8 +16,8 @@ from test_training import CLASSES, make_granja, train_args
 
 import testing
 import training
-from utils.open_set import (ClassModel, Decision, auroc, calibrate, decide, fit_identity_projections,
-                            held_out_scores, known_scores, open_set_metrics)
+from utils.open_set import (ClassModel, Decision, auroc, calibrate, decide, enrolment_threshold,
+                            fit_identity_projections, held_out_scores, known_scores, open_set_metrics)
 
 
 def blobs(rng, centres, per_centre, spread=0.05):
@@ -116,6 +116,9 @@ def test_identity_projection_learns_what_tells_animals_apart():
     assert auroc(known["identity_cosine"], unknown["identity_cosine"]) > 0.95
     assert auroc(known["identity_cosine"], unknown["identity_cosine"]) > auroc(known["cosine"], unknown["cosine"]) + 0.1
 
+    calibration.enrolment_threshold = enrolment_threshold(model, background_x, np.repeat(np.arange(4), 6), 0.9)
+    assert -1.0 < calibration.enrolment_threshold < 1.0
+
     # The arrays saved in open_set.npz rebuild the same model.
     copy = ClassModel.from_arrays(model.arrays())
     assert np.allclose(copy.identity(unknown_x), model.identity(unknown_x))
@@ -126,7 +129,7 @@ def test_identity_projection_learns_what_tells_animals_apart():
                        calibration, {"Nieve": newcomer.mean(axis=0)})
     named = [decision.prediction for decision in decisions[:6]]
     assert named.count("Nieve") >= 4, named
-    assert decisions[0].score_name == "identity_cosine"
+    assert all(decision.score_name == "identity_cosine" for decision in decisions if decision.enrolled)
     others = [decision.prediction for decision in decisions[6:]]
     assert others.count("Nieve") <= 1, others
 
@@ -244,6 +247,7 @@ def test_training_with_a_background_set(tmp_path):
     folder = tmp_path / "models" / "farm"
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))["open_set"]
     assert record["validation_unknowns"] == "background"
+    assert -1.0 <= record["enrolment_threshold"] <= 1.0
     assert {"identity_cosine", "identity_mahalanobis"} <= set(record["validation_auroc"])
     with np.load(folder / "open_set.npz") as arrays:
         assert arrays["projection_kernel"].shape == (1280, 3 * 256)

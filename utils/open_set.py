@@ -30,7 +30,9 @@ animals are held out of that training, and the scores are compared
 on real unknown photos: the validation photos against those animals' photos.
 
 Enrolled animals are mean embeddings of a few photos, recognised by cosine similarity (in the
-identity space when there is one) alongside the trained head.
+identity space when there is one) alongside the trained head. With a background set, their
+threshold comes from enrolling held-out background animals from up to 5 photos each and scoring
+their other photos.
 """
 
 from collections.abc import Sequence
@@ -238,6 +240,7 @@ class Calibration:
     accept_rate: float
     validation_auroc: dict[str, float]
     validation_unknowns: str = "held_out_classes"  # or "background": what the AUROCs compare with
+    enrolment_threshold: float | None = None  # identity cosine that enrolled animals need; None: the cosine's
 
     @property
     def threshold(self) -> float:
@@ -248,13 +251,16 @@ class Calibration:
                 "thresholds": {name: round(value, 6) for name, value in self.thresholds.items()},
                 "accept_rate": self.accept_rate,
                 "validation_auroc": {name: round(value, 6) for name, value in self.validation_auroc.items()},
-                "validation_unknowns": self.validation_unknowns}
+                "validation_unknowns": self.validation_unknowns,
+                **({} if self.enrolment_threshold is None
+                   else {"enrolment_threshold": round(self.enrolment_threshold, 6)})}
 
     @classmethod
     def from_dict(cls, record: dict) -> "Calibration":
         return cls(score=record["score"], thresholds=dict(record["thresholds"]), accept_rate=record["accept_rate"],
                    validation_auroc=dict(record["validation_auroc"]),
-                   validation_unknowns=record.get("validation_unknowns", "held_out_classes"))
+                   validation_unknowns=record.get("validation_unknowns", "held_out_classes"),
+                   enrolment_threshold=record.get("enrolment_threshold"))
 
 
 # NOTE: without a background set, the best score on dogs42 against 100 DogFaceNet dogs it never saw
@@ -278,6 +284,28 @@ def calibrate(per_class: dict[str, np.ndarray], labels: np.ndarray, accept_rate:
     best = max(separation, key=lambda name: separation[name])
     return Calibration(score=best, thresholds=thresholds, accept_rate=accept_rate, validation_auroc=separation,
                        validation_unknowns=kind)
+
+
+def enrolment_threshold(class_model: ClassModel, embeddings: np.ndarray, animals: np.ndarray,
+                        accept_rate: float = DEFAULT_ACCEPT_RATE, photos: int = 5) -> float | None:
+    """Identity cosine that ``accept_rate`` of an enrolled animal's other photos reach.
+
+    Simulates enrolment on animals that no part of training saw (held-out background animals):
+    each photo of an animal with at least 3 photos is compared with the mean embedding of up to
+    ``photos`` of its other photos, as ``testing.py --enroll`` stores it. None when no animal has
+    3 photos.
+    """
+    similarities = []
+    for animal in np.unique(animals):
+        own = np.asarray(embeddings)[animals == animal]
+        if len(own) < 3:
+            continue
+        others = [np.delete(np.arange(len(own)), index)[:photos] for index in range(len(own))]
+        means = np.stack([own[rest].mean(axis=0) for rest in others])
+        similarities.append(np.sum(class_model.identity(own) * class_model.identity(means), axis=1))
+    if not similarities:
+        return None
+    return float(np.quantile(np.concatenate(similarities), 1.0 - accept_rate, method="lower"))
 
 
 def open_set_metrics(known: np.ndarray, unknown: np.ndarray, threshold: float) -> dict[str, float]:
@@ -305,8 +333,9 @@ def decide(probabilities: np.ndarray, embeddings: np.ndarray, penultimate: np.nd
     """Name each photo's animal, or mark it unknown.
 
     An enrolled animal is named when the photo's cosine similarity to its mean embedding (both in
-    the identity space when the granja has one) reaches that similarity's threshold and beats the
-    similarity to every trained class's mean. Otherwise the trained head names its best class when
+    the identity space when the granja has one) reaches the enrolment threshold (else that
+    similarity's threshold, or ``threshold`` when that similarity is the chosen score) and beats
+    the similarity to every trained class's mean. Otherwise the trained head names its best class when
     the chosen score reaches the threshold (``threshold`` overrides the calibrated one).
     """
     threshold = calibration.threshold if threshold is None else threshold
@@ -322,7 +351,12 @@ def decide(probabilities: np.ndarray, embeddings: np.ndarray, penultimate: np.nd
         else:
             enrolled_similarity = cosine_similarities(embeddings, gallery)
     trained_similarity = per_class[similarity_name]
-    similarity_threshold = threshold if calibration.score == similarity_name else calibration.thresholds[similarity_name]
+    if calibration.score == similarity_name and threshold != calibration.threshold:
+        similarity_threshold = threshold
+    elif calibration.enrolment_threshold is not None:
+        similarity_threshold = calibration.enrolment_threshold
+    else:
+        similarity_threshold = calibration.thresholds[similarity_name]
     decisions = []
     for row in range(len(probabilities)):
         if enrolled_similarity is not None:

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 # docs/benchmarks.md for the speed and accuracy of 2, 3 and 4 views.
 DEFAULT_VIEWS = 3
 
+# Background photos decoded and embedded at a time (about 150 MB of 224x224 pixels).
+BACKGROUND_CHUNK = 1024
+
 
 @dataclass
 class TrainOptions:
@@ -673,21 +676,32 @@ def _background_embeddings(model, options: TrainOptions, weights: str,
 
     scan = scan_granja(options.background_dir)
     paths = [path for photos in scan.photos.values() for path in photos]
-    animals = [index for index, photos in enumerate(scan.photos.values()) for _ in photos]
-    started = time.monotonic()
-    images, kept, failed = decode_photos(paths, options.input_size)
-    for path, reason in failed:
-        logger.warning("skipping a background photo that does not decode: %s (%s)", path, reason)
+    animals = np.asarray([index for index, photos in enumerate(scan.photos.values()) for _ in photos])
     cache = None
     if cache_key is not None:
         cache_root = options.cache_dir or options.models_dir / options.granja / artifacts.CACHE_FOLDER
         cache = FeatureCache(cache_root, {**cache_key, "weights": weights_identity(weights)})
     extractor, _ = split_at_head(model)
-    digests = [photo_digest(paths[index]) for index in kept]
-    embeddings = cached_features(cache, digests, extractor, images, options.batch_size)
-    logger.info("background: %d photos of %d animals embedded in %.1f s", len(kept), len(scan.photos),
+
+    # Chunks keep memory bounded: a background set can be far larger than the granja.
+    started = time.monotonic()
+    embeddings, kept = [], []
+    for start in range(0, len(paths), BACKGROUND_CHUNK):
+        chunk = paths[start:start + BACKGROUND_CHUNK]
+        images, decoded, failed = decode_photos(chunk, options.input_size)
+        for path, reason in failed:
+            logger.warning("skipping a background photo that does not decode: %s (%s)", path, reason)
+        if decoded:
+            digests = [photo_digest(chunk[index]) for index in decoded]
+            embeddings.append(cached_features(cache, digests, extractor, images, options.batch_size))
+            kept.extend(start + index for index in decoded)
+    decoded_animals = len(np.unique(animals[kept]))
+    if decoded_animals < 2:
+        raise UserError(f"only {decoded_animals} animals in --background-dir {options.background_dir} have photos "
+                        "that decode; replace the broken photos or leave out --background-dir")
+    logger.info("background: %d photos of %d animals embedded in %.1f s", len(kept), decoded_animals,
                 time.monotonic() - started)
-    return embeddings, np.asarray(animals)[kept]
+    return np.concatenate(embeddings), animals[kept]
 
 
 def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_probabilities: np.ndarray,
@@ -701,7 +715,8 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
     Returns the record kept in ``training.json`` and the fitted ``ClassModel``.
     """
     from utils.features import compute_features, penultimate_model, split_at_head
-    from utils.open_set import ClassModel, calibrate, fit_identity_projections, known_scores, open_set_metrics
+    from utils.open_set import (ClassModel, calibrate, enrolment_threshold, fit_identity_projections, known_scores,
+                                open_set_metrics)
 
     extractor, head = split_at_head(model)
     penultimate = penultimate_model(model)
@@ -729,12 +744,19 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
     validation_unknowns = None if background is None else per_class(background[0][held_out])
     calibration = calibrate(per_class(embeddings[val_split]), data.labels[val_split], options.accept_rate,
                             validation_unknowns)
+    if background is not None:
+        calibration.enrolment_threshold = enrolment_threshold(class_model, background[0][held_out],
+                                                              background[1][held_out], options.accept_rate)
     record = calibration.to_dict()
     against = ("held-out-class AUROC" if background is None
                else f"AUROC against {int(held_out.sum())} photos of held-out background animals")
     logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; %s: %s)",
                 calibration.score, calibration.threshold, 100 * options.accept_rate, against,
                 ", ".join(f"{name} {value:.3f}" for name, value in calibration.validation_auroc.items()))
+    if calibration.enrolment_threshold is not None:
+        logger.info("enrolled animals: identity cosine threshold %.4f (accepts %.0f%% of held-out background "
+                    "animals' photos against the mean of up to 5 of their other photos)",
+                    calibration.enrolment_threshold, 100 * options.accept_rate)
 
     if options.unknown_dir is not None:
         from utils.images import load_given_photos, load_photo
