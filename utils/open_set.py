@@ -26,8 +26,8 @@ where the head only learns to separate the granja's few. Two more scores use it:
 - ``identity_mahalanobis``: as ``mahalanobis``, in the identity space.
 
 Three such projections from different random starts are joined. A fifth of the background
-animals are held out of that training, and the scores are compared
-on real unknown photos: the validation photos against those animals' photos.
+animals are held out of that training, and the scores are compared on real unknown photos: the
+validation photos against those animals' photos.
 
 Enrolled animals are mean embeddings of a few photos, recognised by cosine similarity (in the
 identity space when there is one) alongside the trained head. With a background set, their
