@@ -145,6 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def granja_animal_names(granja: Path) -> set[str]:
+    """Names of a granja's class folders; empty when the folder is missing (training reports that)."""
+    from utils.data import scan_granja
+
+    return set(scan_granja(granja).photos) if granja.is_dir() else set()
+
+
+def sub_folder_names(folder: Path) -> set[str]:
+    return {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+
+
+def check_unknown_dir(unknown: Path, granja: Path) -> None:
+    """Stop before training when --unknown-dir is not a folder of photos, or shares an animal with the granja."""
+    from utils.images import expand_photos
+
+    if not unknown.is_dir():
+        raise UserError(f"--unknown-dir {unknown} is not a folder; give a folder of photos of animals "
+                        "outside the granja")
+    expand_photos([unknown])  # an empty folder stops here, before any training
+    shared = sorted(sub_folder_names(unknown) & granja_animal_names(granja))
+    if shared:
+        raise UserError(f"--unknown-dir {unknown} has folders named like the granja's animals "
+                        f"({', '.join(shared[:3])}); unknown animals must be others: remove those folders")
+
+
 def check_background_dir(background: Path, granja: Path, unknown: Path | None) -> None:
     """Stop before training when --background-dir cannot serve: too few animals, or shared with the granja."""
     from utils.data import scan_granja
@@ -156,14 +181,20 @@ def check_background_dir(background: Path, granja: Path, unknown: Path | None) -
     if len(animals) < MIN_BACKGROUND_ANIMALS:
         raise UserError(f"--background-dir {background} has {len(animals)} animal folders with photos; give at "
                         f"least {MIN_BACKGROUND_ANIMALS}, one sub-folder of photos per animal")
-    if granja.is_dir():
-        shared = sorted(animals & {entry.name for entry in granja.iterdir() if entry.is_dir()})
-        if shared:
-            raise UserError(f"--background-dir {background} has folders named like the granja's animals "
-                            f"({', '.join(shared[:3])}); background animals must be others: remove those folders")
-    if unknown is not None and background.resolve() == unknown.resolve():
+    shared = sorted(animals & granja_animal_names(granja))
+    if shared:
+        raise UserError(f"--background-dir {background} has folders named like the granja's animals "
+                        f"({', '.join(shared[:3])}); background animals must be others: remove those folders")
+    if unknown is None:
+        return
+    if background.resolve() == unknown.resolve():
         raise UserError(f"--background-dir and --unknown-dir are both {background}; unknown animals that trained "
                         "the identity space would not measure new ones: give two folders of different animals")
+    shared = sorted(animals & sub_folder_names(unknown))
+    if shared:
+        raise UserError(f"--background-dir {background} and --unknown-dir {unknown} share animal folders "
+                        f"({', '.join(shared[:3])}); an unknown animal must not train the identity space: "
+                        "remove them from one of the two")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -174,12 +205,7 @@ def options_from_args(args: argparse.Namespace):
         raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
                         "above 0 and add up to less than 1, leaving photos to train on")
     if args.unknown_dir is not None:
-        if not args.unknown_dir.is_dir():
-            raise UserError(f"--unknown-dir {args.unknown_dir} is not a folder; give a folder of photos of animals "
-                            "outside the granja")
-        from utils.images import expand_photos
-
-        expand_photos([args.unknown_dir])  # an empty folder stops here, before any training
+        check_unknown_dir(args.unknown_dir, args.dataset_dir / args.granja)
     if args.background_dir is not None:
         check_background_dir(args.background_dir, args.dataset_dir / args.granja, args.unknown_dir)
     if not 0 <= args.rotation <= 180:

@@ -299,6 +299,7 @@ def background_with_a_granja_animal(root):
     (lambda tmp: make_background(tmp / "strays", animals=4), "has 4 animal folders with photos; give at least 5"),
     (lambda tmp: background_with_a_granja_animal(tmp / "strays"), "folders named like the granja's"),
     (lambda tmp: make_background(tmp / "strangers"), "are both"),
+    (lambda tmp: make_background(tmp / "strays"), "share animal folders (stray 0)"),
 ])
 def test_bad_background_dir_stops_before_training(tmp_path, build, fragment):
     make_granja(tmp_path / "dataset" / "farm")
@@ -306,5 +307,17 @@ def test_bad_background_dir_stops_before_training(tmp_path, build, fragment):
     flags = ["--background-dir", str(background)]
     if fragment == "are both":
         flags += ["--unknown-dir", str(background)]
+    if fragment.startswith("share"):
+        write_photo(tmp_path / "strangers" / "stray 0" / "0.jpg", seed=3)
+        flags += ["--unknown-dir", str(tmp_path / "strangers")]
     assert_one_line_error(run_training(tmp_path, *flags), fragment)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_unknown_dir_with_a_granja_animal_stops(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    write_photo(tmp_path / "strangers" / "rex" / "0.jpg", seed=1)
+    write_photo(tmp_path / "strangers" / "stray" / "0.jpg", seed=2)
+    assert_one_line_error(run_training(tmp_path, "--unknown-dir", str(tmp_path / "strangers")),
+                          "folders named like the granja's animals (rex)")
     assert not (tmp_path / "logs").exists()
