@@ -21,11 +21,7 @@ from utils.augment import AugmentConfig  # noqa: E402
 from utils.backbones import BACKBONES, WEIGHTS_CHOICES_HELP  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.head import DEFAULT_HIDDEN, POOLINGS, parse_freeze  # noqa: E402
-from utils.training import DEFAULT_VIEWS  # noqa: E402
-
-# A fifth of the background animals are held out to choose the unknown-animal score: five leave
-# one held out and four to learn from.
-MIN_BACKGROUND_ANIMALS = 5
+from utils.training import DEFAULT_VIEWS, MIN_BACKGROUND_ANIMALS  # noqa: E402
 
 
 def _positive_list(text: str, kind=int) -> tuple:
@@ -111,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "multiworker spreads training over machines listed in TF_CONFIG")
     training.add_argument("--resume", action="store_true",
                           help="continue the interrupted run of this granja from its last completed epoch, with "
-                               "its own split and flags (other flags are ignored)")
+                               "its own split and flags (only --quiet and --models-dir come from this command)")
     training.add_argument("--patience", type=cli.positive_int, default=5,
                           help="epochs without a lower validation loss before early stopping")
 
@@ -122,9 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="folders of animals that are not in the granja: report how well they are flagged "
                               "as unknown (AUROC, shares flagged) on the test split plus these photos")
     unknown.add_argument("--background-dir", type=Path, default=None, metavar="DIR",
-                         help="one folder of photos per animal of the same kind, none of them in the granja: "
-                              "learn an identity space from them, and choose the unknown-animal score against "
-                              f"a fifth of them held out (at least {MIN_BACKGROUND_ANIMALS} animals)")
+                         help="a folder with one sub-folder of photos per animal of the same kind, none of them "
+                              "in the granja: learn an identity space from them, and choose the unknown-animal "
+                              f"score against a fifth of them held out (at least {MIN_BACKGROUND_ANIMALS} animals; "
+                              "hundreds give steady figures)")
 
     augment = parser.add_argument_group("augmentation (training split only)")
     defaults = AugmentConfig()
@@ -145,56 +142,94 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def granja_animal_names(granja: Path) -> set[str]:
-    """Names of a granja's class folders; empty when the folder is missing (training reports that)."""
+def granja_photos(granja: Path) -> dict[str, list[Path]]:
+    """List a granja's photos by class; empty when the folder is missing (training reports that)."""
     from utils.data import scan_granja
 
-    return set(scan_granja(granja).photos) if granja.is_dir() else set()
+    return scan_granja(granja).photos if granja.is_dir() else {}
 
 
 def sub_folder_names(folder: Path) -> set[str]:
     return {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
 
 
-def check_unknown_dir(unknown: Path, granja: Path) -> None:
-    """Stop before training when --unknown-dir is not a folder of photos, or shares an animal with the granja."""
+def name_list(names: Sequence[str], shown: int = 3) -> str:
+    """Up to ``shown`` names and how many more, for one-line messages."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_same_photos(flag: str, folder: Path, photos: Sequence[Path], others: Sequence[Path], what: str) -> None:
+    """Stop when ``photos`` and ``others`` share a photo (same bytes), under whatever names."""
+    from utils.inference import file_sha256
+
+    digests = {file_sha256(path) for path in others}
+    shared = [path for path in photos if file_sha256(path) in digests]
+    if shared:
+        photos_word = "photo" if len(shared) == 1 else "photos"
+        raise UserError(f"{flag} {folder} contains {len(shared)} {photos_word} of {what} (for example {shared[0]}); "
+                        f"remove them from {folder}")
+
+
+def check_unknown_dir(unknown: Path, granja: Path) -> list[Path]:
+    """Stop before training when --unknown-dir is not a folder of photos, or shares an animal with the granja.
+
+    Returns the photos of --unknown-dir.
+    """
     from utils.images import expand_photos
 
     if not unknown.is_dir():
         raise UserError(f"--unknown-dir {unknown} is not a folder; give a folder of photos of animals "
                         "outside the granja")
-    expand_photos([unknown])  # an empty folder stops here, before any training
-    shared = sorted(sub_folder_names(unknown) & granja_animal_names(granja))
+    photos = expand_photos([unknown])  # an empty folder stops here, before any training
+    known = granja_photos(granja)
+    shared = sorted(sub_folder_names(unknown) & set(known))
     if shared:
         raise UserError(f"--unknown-dir {unknown} has folders named like the granja's animals "
-                        f"({', '.join(shared[:3])}); unknown animals must be others: remove those folders")
+                        f"({name_list(shared)}); unknown animals must be others: remove those folders")
+    check_same_photos("--unknown-dir", unknown, photos, [path for paths in known.values() for path in paths],
+                      "the granja's animals")
+    return photos
 
 
-def check_background_dir(background: Path, granja: Path, unknown: Path | None) -> None:
-    """Stop before training when --background-dir cannot serve: too few animals, or shared with the granja."""
+def check_background_dir(background: Path, granja: Path, unknown_photos: Sequence[Path] | None,
+                         unknown: Path | None = None) -> None:
+    """Stop before training when --background-dir cannot serve: too few animals, or shared with the granja.
+
+    ``unknown_photos`` are the photos of ``unknown`` (--unknown-dir), which must not be background photos.
+    """
     from utils.data import scan_granja
 
     if not background.is_dir():
         raise UserError(f"--background-dir {background} is not a folder; give a folder with one sub-folder of "
                         "photos per animal that is not in the granja")
-    animals = {name for name, photos in scan_granja(background).photos.items() if photos}
+    try:
+        scan = scan_granja(background)
+    except UserError as err:
+        raise UserError(f"--background-dir: {err}") from None
+    animals = {name: photos for name, photos in scan.photos.items() if photos}
     if len(animals) < MIN_BACKGROUND_ANIMALS:
         raise UserError(f"--background-dir {background} has {len(animals)} animal folders with photos; give at "
                         f"least {MIN_BACKGROUND_ANIMALS}, one sub-folder of photos per animal")
-    shared = sorted(animals & granja_animal_names(granja))
+    known = granja_photos(granja)
+    shared = sorted(set(animals) & set(known))
     if shared:
         raise UserError(f"--background-dir {background} has folders named like the granja's animals "
-                        f"({', '.join(shared[:3])}); background animals must be others: remove those folders")
+                        f"({name_list(shared)}); background animals must be others: remove those folders")
+    photos = [path for paths in animals.values() for path in paths]
+    check_same_photos("--background-dir", background, photos, [path for paths in known.values() for path in paths],
+                      "the granja's animals")
     if unknown is None:
         return
     if background.resolve() == unknown.resolve():
         raise UserError(f"--background-dir and --unknown-dir are both {background}; unknown animals that trained "
                         "the identity space would not measure new ones: give two folders of different animals")
-    shared = sorted(animals & sub_folder_names(unknown))
+    shared = sorted(set(animals) & sub_folder_names(unknown))
     if shared:
         raise UserError(f"--background-dir {background} and --unknown-dir {unknown} share animal folders "
-                        f"({', '.join(shared[:3])}); an unknown animal must not train the identity space: "
+                        f"({name_list(shared)}); an unknown animal must not train the identity space: "
                         "remove them from one of the two")
+    check_same_photos("--background-dir", background, photos, unknown_photos, f"--unknown-dir {unknown}")
 
 
 def options_from_args(args: argparse.Namespace):
@@ -204,10 +239,11 @@ def options_from_args(args: argparse.Namespace):
     if args.val_fraction <= 0 or args.test_fraction <= 0 or args.val_fraction + args.test_fraction >= 1:
         raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
                         "above 0 and add up to less than 1, leaving photos to train on")
+    unknown_photos = None
     if args.unknown_dir is not None:
-        check_unknown_dir(args.unknown_dir, args.dataset_dir / args.granja)
+        unknown_photos = check_unknown_dir(args.unknown_dir, args.dataset_dir / args.granja)
     if args.background_dir is not None:
-        check_background_dir(args.background_dir, args.dataset_dir / args.granja, args.unknown_dir)
+        check_background_dir(args.background_dir, args.dataset_dir / args.granja, unknown_photos, args.unknown_dir)
     if not 0 <= args.rotation <= 180:
         raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")
     augment = AugmentConfig.off() if args.no_augment else AugmentConfig(

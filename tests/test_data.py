@@ -7,7 +7,7 @@ from PIL import Image
 from conftest import write_photo
 from utils.data import check_class_sizes, decode_photos, scan_granja, split_indices
 from utils.errors import UserError
-from utils.images import UnreadableImageError, is_photo_name, load_rgb
+from utils.images import UnreadableImageError, expand_photos, is_photo_name, load_rgb
 
 
 def make_granja(root, counts):
@@ -35,6 +35,21 @@ def test_scan_lists_classes_and_ignores_junk(tmp_path):
     junk_names = {path.name for path in scan.junk}
     assert {"__MACOSX", ".ipynb_checkpoints", "Thumbs.db", ".DS_Store", "._photo_0.jpg"} <= junk_names
     assert [path.name for path in scan.other_files] == ["notes.txt"]
+
+
+def test_folders_of_links_are_followed_once(tmp_path):
+    photo = write_photo(tmp_path / "photos" / "rex" / "0.jpg", seed=0)
+    (tmp_path / "linked" / "dog").mkdir(parents=True)
+    (tmp_path / "linked" / "rex").symlink_to(photo.parent, target_is_directory=True)
+    (tmp_path / "linked" / "dog" / "1.jpg").symlink_to(photo)
+    (tmp_path / "linked" / "dog" / "loop").symlink_to(tmp_path / "linked" / "dog", target_is_directory=True)
+    scan = scan_granja(tmp_path / "linked")
+    assert scan.photos["rex"] == [tmp_path / "linked" / "rex" / "0.jpg"]
+    assert scan.photos["dog"] == [tmp_path / "linked" / "dog" / "1.jpg"]
+
+    (tmp_path / "linked" / "dog" / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    assert expand_photos([tmp_path / "linked"]) == [tmp_path / "linked" / "dog" / "1.jpg",
+                                                    tmp_path / "linked" / "rex" / "0.jpg"]
 
 
 def test_scan_photo_suffixes_any_case(tmp_path):

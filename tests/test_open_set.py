@@ -248,6 +248,10 @@ def test_training_with_a_background_set(tmp_path):
     record = json.loads((folder / "training.json").read_text(encoding="utf-8"))["open_set"]
     assert record["validation_unknowns"] == "background"
     assert -1.0 <= record["enrolment_threshold"] <= 1.0
+    assert record["background"]["animals"] == 5
+    assert record["background"]["photos"] == 15
+    assert record["background"]["held_out_animals"] == 1
+    assert record["background"]["skipped_photos"] == 0
     assert {"identity_cosine", "identity_mahalanobis"} <= set(record["validation_auroc"])
     with np.load(folder / "open_set.npz") as arrays:
         assert arrays["projection_kernel"].shape == (1280, 3 * 256)

@@ -294,21 +294,35 @@ def background_with_a_granja_animal(root):
     return root
 
 
+def background_with_a_granja_photo(root, tmp):
+    """A background set with one photo of the granja's rex, copied under another name."""
+    make_background(root)
+    shutil.copy(next((tmp / "dataset" / "farm" / "rex").iterdir()), root / "stray 0" / "renamed.jpg")
+    return root
+
+
 @pytest.mark.parametrize("build, fragment", [
     (lambda tmp: tmp / "missing", "is not a folder"),
     (lambda tmp: make_background(tmp / "strays", animals=4), "has 4 animal folders with photos; give at least 5"),
     (lambda tmp: background_with_a_granja_animal(tmp / "strays"), "folders named like the granja's"),
     (lambda tmp: make_background(tmp / "strangers"), "are both"),
     (lambda tmp: make_background(tmp / "strays"), "share animal folders (stray 0)"),
+    (lambda tmp: background_with_a_granja_photo(tmp / "strays", tmp), "contains 1 photo of the granja's animals"),
+    (lambda tmp: make_background(tmp / "strays"), "contains 2 photos of --unknown-dir"),
+    (lambda tmp: tmp / "empty", "--background-dir: no class folders"),
 ])
 def test_bad_background_dir_stops_before_training(tmp_path, build, fragment):
     make_granja(tmp_path / "dataset" / "farm")
+    (tmp_path / "empty").mkdir()
     background = build(tmp_path)
     flags = ["--background-dir", str(background)]
     if fragment == "are both":
         flags += ["--unknown-dir", str(background)]
     if fragment.startswith("share"):
         write_photo(tmp_path / "strangers" / "stray 0" / "0.jpg", seed=3)
+        flags += ["--unknown-dir", str(tmp_path / "strangers")]
+    if "--unknown-dir" in fragment:
+        shutil.copytree(background / "stray 1", tmp_path / "strangers" / "new name")
         flags += ["--unknown-dir", str(tmp_path / "strangers")]
     assert_one_line_error(run_training(tmp_path, *flags), fragment)
     assert not (tmp_path / "logs").exists()
@@ -321,3 +335,17 @@ def test_unknown_dir_with_a_granja_animal_stops(tmp_path):
     assert_one_line_error(run_training(tmp_path, "--unknown-dir", str(tmp_path / "strangers")),
                           "folders named like the granja's animals (rex)")
     assert not (tmp_path / "logs").exists()
+
+
+def test_background_without_enough_decodable_animals(tmp_path):
+    make_granja(tmp_path / "dataset" / "farm")
+    background = make_background(tmp_path / "strays", animals=4)
+    (background / "broken").mkdir()
+    (background / "broken" / "0.jpg").write_text("not a photo")
+    result = run_training(tmp_path, "-e", "1", "--background-dir", str(background))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipping a background photo: cannot decode" in result.stderr
+    assert "only 4 of the animals in --background-dir" in result.stderr
+    record = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
+    assert record["open_set"]["validation_unknowns"] == "held_out_classes"
+    assert "identity_cosine" not in record["open_set"]["thresholds"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.errors import UserError
-from utils.images import UnreadableImageError, is_junk_name, is_photo_name, load_photo
+from utils.images import UnreadableImageError, is_junk_name, is_photo_name, load_photo, walk_folder
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class GranjaScan:
 def _walk_photos(folder: Path, junk: list[Path], other: list[Path]) -> list[Path]:
     """List the photos under ``folder`` recursively, recording what was skipped."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in walk_folder(folder):
         kept_dirs = []
         for name in sorted(dirnames):
             if is_junk_name(name):

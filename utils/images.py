@@ -1,6 +1,7 @@
 """Photo files: which names are photos, and decoding any of them to one RGB array."""
 
 import logging
+import os
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,13 +100,33 @@ def load_photo(path: str | Path, size: int) -> np.ndarray:
     return resize_rgb(load_rgb(path), size)
 
 
+def walk_folder(folder: Path):
+    """Walk ``folder`` like ``os.walk``, also into linked folders, entering each real folder once.
+
+    Folders of symbolic links to photo folders are common when photos are shared between sets, and
+    a link back to a parent folder would otherwise loop forever.
+    """
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        yield dirpath, dirnames, filenames
+
+
 def expand_photos(paths: Sequence[Path]) -> list[Path]:
     """Expand folders into their photos (recursively, sorted) and check that every path exists."""
     photos = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_photo_name(p.name)
-                           and not any(is_junk_name(part) for part in p.relative_to(path).parts))
+            found = []
+            for dirpath, dirnames, filenames in walk_folder(path):
+                dirnames[:] = [name for name in dirnames if not is_junk_name(name)]
+                found.extend(Path(dirpath) / name for name in filenames
+                             if is_photo_name(name) and os.path.isfile(os.path.join(dirpath, name)))
+            found.sort()
             if not found:
                 raise UserError(f"no photos in folder {path}; photos are jpg, jpeg, png, bmp or webp files")
             photos.extend(found)

@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 # docs/benchmarks.md for the speed and accuracy of 2, 3 and 4 views.
 DEFAULT_VIEWS = 3
 
+# Background animals needed for the identity space: a fifth of them are held out, so five leave
+# one held out and four to learn from.
+MIN_BACKGROUND_ANIMALS = 5
+# Held-out background photos below which the score choice and enrolment threshold are called rough.
+STEADY_HELD_OUT_PHOTOS = 100
+
 # Background photos decoded and embedded at a time (about 150 MB of 224x224 pixels).
 BACKGROUND_CHUNK = 1024
 
@@ -592,7 +598,10 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
                         f"{options.models_dir / options.granja} is kept; lower --lr (now {options.lr}) or "
                         "check the weights file")
     background = _background_embeddings(model, options, weights, cache_key if use_cache else None)
-    open_set, class_model = calibrate_open_set(model, data, embeddings, probabilities, options, background)
+    open_set, class_model = calibrate_open_set(model, data, embeddings, probabilities, options,
+                                               None if background is None else background[:2])
+    if background is not None:
+        open_set["background"]["skipped_photos"] = background[2]
 
     y_true = data.labels[test_split]
     y_pred = probabilities.argmax(axis=1)
@@ -664,8 +673,10 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
 
 
 def _background_embeddings(model, options: TrainOptions, weights: str,
-                           cache_key: dict | None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Embeddings of the --background-dir photos and their animal indices; None without the flag.
+                           cache_key: dict | None) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Embeddings of the --background-dir photos, their animal indices and the count of photos skipped.
+
+    Returns None without the flag, or with a warning when too few animals have photos that decode.
 
     With ``cache_key`` they are read from and added to the granja's feature cache, so a second
     run with the same backbone reuses them.
@@ -689,19 +700,22 @@ def _background_embeddings(model, options: TrainOptions, weights: str,
     for start in range(0, len(paths), BACKGROUND_CHUNK):
         chunk = paths[start:start + BACKGROUND_CHUNK]
         images, decoded, failed = decode_photos(chunk, options.input_size)
-        for path, reason in failed:
-            logger.warning("skipping a background photo that does not decode: %s (%s)", path, reason)
+        for _, reason in failed:
+            logger.warning("skipping a background photo: %s", reason)
         if decoded:
             digests = [photo_digest(chunk[index]) for index in decoded]
             embeddings.append(cached_features(cache, digests, extractor, images, options.batch_size))
             kept.extend(start + index for index in decoded)
     decoded_animals = len(np.unique(animals[kept]))
-    if decoded_animals < 2:
-        raise UserError(f"only {decoded_animals} animals in --background-dir {options.background_dir} have photos "
-                        "that decode; replace the broken photos or leave out --background-dir")
-    logger.info("background: %d photos of %d animals embedded in %.1f s", len(kept), decoded_animals,
-                time.monotonic() - started)
-    return np.concatenate(embeddings), animals[kept]
+    if decoded_animals < MIN_BACKGROUND_ANIMALS:
+        logger.warning("only %d of the animals in --background-dir %s have photos that decode, fewer than %d; "
+                       "calibrating without the background set: replace the broken photos and train again to use "
+                       "it", decoded_animals, options.background_dir, MIN_BACKGROUND_ANIMALS)
+        return None
+    from_cache = f", {cache.hits} read from the cache" if cache is not None else ""
+    logger.info("background: %d photos of %d animals embedded in %.1f s%s", len(kept), decoded_animals,
+                time.monotonic() - started, from_cache)
+    return np.concatenate(embeddings), animals[kept], len(paths) - len(kept)
 
 
 def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_probabilities: np.ndarray,
@@ -709,7 +723,7 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
     """Calibrate unknown-animal detection on the validation split; score --unknown-dir if given.
 
     With ``background`` (embeddings and animal indices of animals outside the granja), a seeded
-    fifth of those animals are held out as validation unknowns, and an identity projection is
+    fifth of those animals are held out as validation unknowns, and identity projections are
     learned from the granja's training photos and the other background animals.
 
     Returns the record kept in ``training.json`` and the fitted ``ClassModel``.
@@ -748,6 +762,15 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
         calibration.enrolment_threshold = enrolment_threshold(class_model, background[0][held_out],
                                                               background[1][held_out], options.accept_rate)
     record = calibration.to_dict()
+    if background is not None:
+        held_out_animals = len(np.unique(background[1][held_out]))
+        record["background"] = {"dir": str(options.background_dir), "animals": len(order),
+                                "photos": len(background[1]), "held_out_animals": held_out_animals,
+                                "held_out_photos": int(held_out.sum())}
+        if held_out.sum() < STEADY_HELD_OUT_PHOTOS:
+            logger.warning("only %d photos of %d held-out background animals choose the unknown-animal score and "
+                           "set the enrolment threshold, so both are rough; give --background-dir hundreds of "
+                           "animals for steady figures", held_out.sum(), held_out_animals)
     against = ("held-out-class AUROC" if background is None
                else f"AUROC against {int(held_out.sum())} photos of held-out background animals")
     logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; %s: %s)",
@@ -757,6 +780,10 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
         logger.info("enrolled animals: identity cosine threshold %.4f (accepts %.0f%% of held-out background "
                     "animals' photos against the mean of up to 5 of their other photos)",
                     calibration.enrolment_threshold, 100 * options.accept_rate)
+    elif background is not None:
+        logger.info("enrolled animals: the trained classes' identity cosine threshold %.4f, because no held-out "
+                    "background animal has the 3 photos that simulating enrolment needs",
+                    calibration.thresholds["identity_cosine"])
 
     if options.unknown_dir is not None:
         from utils.images import load_given_photos, load_photo
