@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "prediction (a class, an enrolled animal or 'unknown'), its score and threshold")
     parser.add_argument("--unknown-threshold", type=cli.finite_float, default=None, metavar="X",
                         help="flag photos scoring under X as unknown, instead of the threshold saved by training "
-                             "(the score is the one training.json names under open_set)")
+                             "(the score is the one training.json names under open_set; when it is a cosine, X is "
+                             "also the enrolled animals' threshold)")
     gallery = parser.add_mutually_exclusive_group()
     gallery.add_argument("--enroll", metavar="NAME",
                          help="add the animal in the --img photos to the granja's gallery under NAME, without "
@@ -174,17 +175,30 @@ def enroll(args: argparse.Namespace, trained) -> int:
         raise UserError(f"{trained.folder} has no class means that match its model.keras, which enrolment compares "
                         "with; retrain the granja first")
     photos, scores = embed_photos(args, trained)
-    total = scores.embeddings.astype(np.float64).sum(axis=0)
     with artifacts.granja_lock(args.models_dir, args.granja):
         animals = artifacts.read_gallery(trained.folder)
         entry = animals.get(name)
-        if entry is not None and entry.get("embedding_key") == open_set.embedding_key:
-            # More photos of an animal already enrolled: the mean over all of them.
-            count = entry["photos"] + len(photos)
-            mean = (total + entry["photos"] * np.asarray(entry["mean"])) / count
-            sources = entry["sources"] + [str(path) for path in photos]
-        else:
-            count, mean, sources = len(photos), total / len(photos), [str(path) for path in photos]
+        if entry is None or entry.get("embedding_key") != open_set.embedding_key:
+            entry = {"photos": 0, "mean": np.zeros(scores.embeddings.shape[1]), "sources": []}
+
+        # A photo counts once in the mean, however often it is given.
+        seen = {str(Path(source).resolve()) for source in entry["sources"]}
+        new = []
+        for index, path in enumerate(photos):
+            resolved = str(Path(path).resolve())
+            if resolved not in seen:
+                seen.add(resolved)
+                new.append(index)
+        if len(new) < len(photos):
+            logger.warning("skipping %d of the --img photos: already enrolled as %r or given twice",
+                           len(photos) - len(new), name)
+        if not new:
+            raise UserError(f"every --img photo is already enrolled as {name!r}; give other photos of it")
+
+        count = entry["photos"] + len(new)
+        total = scores.embeddings[new].astype(np.float64).sum(axis=0)
+        mean = (total + entry["photos"] * np.asarray(entry["mean"])) / count
+        sources = entry["sources"] + [str(photos[index]) for index in new]
         animals[name] = {"mean": [round(float(value), 7) for value in mean], "photos": count,
                          "sources": sources, "embedding_key": open_set.embedding_key}
         artifacts.write_gallery(trained.folder, animals)

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     unknown = parser.add_argument_group("unknown animals")
     unknown.add_argument("--accept-rate", type=cli.accept_rate, default=0.95, metavar="R",
-                         help="share of known validation photos the unknown-animal threshold accepts")
+                         help="share of known validation photos the unknown-animal threshold accepts (with "
+                              "--background-dir, also the share of held-out animals' photos the enrolment "
+                              "threshold accepts)")
     unknown.add_argument("--unknown-dir", type=Path, default=None, metavar="DIR",
                          help="folders of animals that are not in the granja: report how well they are flagged "
                               "as unknown (AUROC, shares flagged) on the test split plus these photos")
@@ -154,21 +156,25 @@ def sub_folder_names(folder: Path) -> set[str]:
 
 
 def name_list(names: Sequence[str], shown: int = 3) -> str:
-    """Up to ``shown`` names and how many more, for one-line messages."""
+    """Up to ``shown`` quoted names and how many more, for one-line messages."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
+    return ", ".join(repr(name) for name in names[:shown]) + more
 
 
-def check_same_photos(flag: str, folder: Path, photos: Sequence[Path], others: Sequence[Path], what: str) -> None:
-    """Stop when ``photos`` and ``others`` share a photo (same bytes), under whatever names."""
+def file_digests(photos: Sequence[Path]) -> dict[str, Path]:
+    """Map the SHA-256 of each photo file's bytes to the photo."""
     from utils.inference import file_sha256
 
-    digests = {file_sha256(path) for path in others}
-    shared = [path for path in photos if file_sha256(path) in digests]
+    return {file_sha256(path): path for path in photos}
+
+
+def check_same_photos(flag: str, folder: Path, digests: dict[str, Path], others: dict[str, Path], what: str) -> None:
+    """Stop when a photo of ``folder`` (by its digest) is also one of ``others``, under whatever name."""
+    shared = sorted(path for digest, path in digests.items() if digest in others)
     if shared:
-        photos_word = "photo" if len(shared) == 1 else "photos"
+        photos_word, pronoun = ("photo", "it") if len(shared) == 1 else ("photos", "them")
         raise UserError(f"{flag} {folder} contains {len(shared)} {photos_word} of {what} (for example {shared[0]}); "
-                        f"remove them from {folder}")
+                        f"give a folder without {pronoun}, for example one of links to the other animals' folders")
 
 
 def check_unknown_dir(unknown: Path, granja: Path) -> list[Path]:
@@ -181,14 +187,17 @@ def check_unknown_dir(unknown: Path, granja: Path) -> list[Path]:
     if not unknown.is_dir():
         raise UserError(f"--unknown-dir {unknown} is not a folder; give a folder of photos of animals "
                         "outside the granja")
-    photos = expand_photos([unknown])  # an empty folder stops here, before any training
+    try:
+        photos = expand_photos([unknown])  # an empty folder stops here, before any training
+    except UserError as err:
+        raise UserError(f"--unknown-dir: {err}") from None
     known = granja_photos(granja)
     shared = sorted(sub_folder_names(unknown) & set(known))
     if shared:
         raise UserError(f"--unknown-dir {unknown} has folders named like the granja's animals "
                         f"({name_list(shared)}); unknown animals must be others: remove those folders")
-    check_same_photos("--unknown-dir", unknown, photos, [path for paths in known.values() for path in paths],
-                      "the granja's animals")
+    check_same_photos("--unknown-dir", unknown, file_digests(photos),
+                      file_digests([path for paths in known.values() for path in paths]), "the granja's animals")
     return photos
 
 
@@ -199,6 +208,7 @@ def check_background_dir(background: Path, granja: Path, unknown_photos: Sequenc
     ``unknown_photos`` are the photos of ``unknown`` (--unknown-dir), which must not be background photos.
     """
     from utils.data import scan_granja
+    from utils.inference import file_sha256
 
     if not background.is_dir():
         raise UserError(f"--background-dir {background} is not a folder; give a folder with one sub-folder of "
@@ -216,9 +226,16 @@ def check_background_dir(background: Path, granja: Path, unknown_photos: Sequenc
     if shared:
         raise UserError(f"--background-dir {background} has folders named like the granja's animals "
                         f"({name_list(shared)}); background animals must be others: remove those folders")
-    photos = [path for paths in animals.values() for path in paths]
-    check_same_photos("--background-dir", background, photos, [path for paths in known.values() for path in paths],
-                      "the granja's animals")
+    digests: dict[str, Path] = {}
+    for name, photos in animals.items():
+        for path in photos:
+            digest = file_sha256(path)
+            first = digests.setdefault(digest, path)
+            if first.relative_to(background).parts[0] != name:
+                raise UserError(f"--background-dir {background} has the same photo in two animal folders ({first} "
+                                f"and {path}); each animal must be one folder: remove one of the two")
+    check_same_photos("--background-dir", background, digests,
+                      file_digests([path for paths in known.values() for path in paths]), "the granja's animals")
     if unknown is None:
         return
     if background.resolve() == unknown.resolve():
@@ -229,7 +246,7 @@ def check_background_dir(background: Path, granja: Path, unknown_photos: Sequenc
         raise UserError(f"--background-dir {background} and --unknown-dir {unknown} share animal folders "
                         f"({name_list(shared)}); an unknown animal must not train the identity space: "
                         "remove them from one of the two")
-    check_same_photos("--background-dir", background, photos, unknown_photos, f"--unknown-dir {unknown}")
+    check_same_photos("--background-dir", background, digests, file_digests(unknown_photos), f"--unknown-dir {unknown}")
 
 
 def options_from_args(args: argparse.Namespace):

@@ -194,9 +194,13 @@ def test_enroll_and_forget(farm, tmp_path):
     gallery = json.loads((tmp_path / "models" / "farm" / "gallery.json").read_text(encoding="utf-8"))
     assert len(gallery["animals"]["Nieve blanca"]["mean"]) == 1280
 
-    # More photos of the same animal update its mean.
-    result = run_testing(tmp_path, "--enroll", "Nieve blanca", "--img", str(photos[3]))
+    # More photos of the same animal update its mean; a photo already in it counts once.
+    result = run_testing(tmp_path, "--enroll", "Nieve blanca", "--img", str(photos[3]), str(photos[0]))
     assert json.loads(result.stdout)["photos"] == 4
+    assert "skipping 1 of the --img photos" in result.stderr
+    result = run_testing(tmp_path, "--enroll", "Nieve blanca", "--img", str(photos[3]))
+    assert result.returncode == 2
+    assert "every --img photo is already enrolled as 'Nieve blanca'" in result.stderr
 
     for args, fragment in [(("--enroll", "rex", "--img", str(photos[0])), "is a trained class"),
                            (("--enroll", "unknown", "--img", str(photos[0])), "not a usable name"),

@@ -301,15 +301,23 @@ def background_with_a_granja_photo(root, tmp):
     return root
 
 
+def background_with_a_repeated_animal(root):
+    """A background set in which one animal's folder is linked again under another name."""
+    make_background(root)
+    (root / "stray 0 again").symlink_to(root / "stray 0", target_is_directory=True)
+    return root
+
+
 @pytest.mark.parametrize("build, fragment", [
     (lambda tmp: tmp / "missing", "is not a folder"),
     (lambda tmp: make_background(tmp / "strays", animals=4), "has 4 animal folders with photos; give at least 5"),
     (lambda tmp: background_with_a_granja_animal(tmp / "strays"), "folders named like the granja's"),
     (lambda tmp: make_background(tmp / "strangers"), "are both"),
-    (lambda tmp: make_background(tmp / "strays"), "share animal folders (stray 0)"),
+    (lambda tmp: make_background(tmp / "strays"), "share animal folders ('stray 0')"),
     (lambda tmp: background_with_a_granja_photo(tmp / "strays", tmp), "contains 1 photo of the granja's animals"),
     (lambda tmp: make_background(tmp / "strays"), "contains 2 photos of --unknown-dir"),
     (lambda tmp: tmp / "empty", "--background-dir: no class folders"),
+    (lambda tmp: background_with_a_repeated_animal(tmp / "strays"), "has the same photo in two animal folders"),
 ])
 def test_bad_background_dir_stops_before_training(tmp_path, build, fragment):
     make_granja(tmp_path / "dataset" / "farm")
@@ -333,7 +341,7 @@ def test_unknown_dir_with_a_granja_animal_stops(tmp_path):
     write_photo(tmp_path / "strangers" / "rex" / "0.jpg", seed=1)
     write_photo(tmp_path / "strangers" / "stray" / "0.jpg", seed=2)
     assert_one_line_error(run_training(tmp_path, "--unknown-dir", str(tmp_path / "strangers")),
-                          "folders named like the granja's animals (rex)")
+                          "folders named like the granja's animals ('rex')")
     assert not (tmp_path / "logs").exists()
 
 
@@ -349,3 +357,4 @@ def test_background_without_enough_decodable_animals(tmp_path):
     record = json.loads((tmp_path / "models" / "farm" / "training.json").read_text(encoding="utf-8"))
     assert record["open_set"]["validation_unknowns"] == "held_out_classes"
     assert "identity_cosine" not in record["open_set"]["thresholds"]
+    assert record["open_set"]["background"]["ignored"] == "too few animals with photos that decode"

@@ -602,6 +602,9 @@ def _train_locked(options: TrainOptions, spec, weights: str, fixed_split: dict |
                                                None if background is None else background[:2])
     if background is not None:
         open_set["background"]["skipped_photos"] = background[2]
+    elif options.background_dir is not None:
+        open_set["background"] = {"dir": str(options.background_dir),
+                                  "ignored": "too few animals with photos that decode"}
 
     y_true = data.labels[test_split]
     y_pred = probabilities.argmax(axis=1)
@@ -768,9 +771,10 @@ def calibrate_open_set(model, data: PreparedData, embeddings: np.ndarray, test_p
                                 "photos": len(background[1]), "held_out_animals": held_out_animals,
                                 "held_out_photos": int(held_out.sum())}
         if held_out.sum() < STEADY_HELD_OUT_PHOTOS:
-            logger.warning("only %d photos of %d held-out background animals choose the unknown-animal score and "
+            logger.warning("only %d held-out background photos (of %d %s) choose the unknown-animal score and "
                            "set the enrolment threshold, so both are rough; give --background-dir hundreds of "
-                           "animals for steady figures", held_out.sum(), held_out_animals)
+                           "animals for steady figures", held_out.sum(), held_out_animals,
+                           "animal" if held_out_animals == 1 else "animals")
     against = ("held-out-class AUROC" if background is None
                else f"AUROC against {int(held_out.sum())} photos of held-out background animals")
     logger.info("unknown animals: %s score, threshold %.4f (accepts %.0f%% of validation photos; %s: %s)",
