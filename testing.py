@@ -166,6 +166,7 @@ def enroll(args: argparse.Namespace, trained) -> int:
 
     from utils import artifacts
     from utils.errors import UserError
+    from utils.inference import file_sha256
 
     name = args.enroll
     if name in trained.class_names:
@@ -179,28 +180,31 @@ def enroll(args: argparse.Namespace, trained) -> int:
         animals = artifacts.read_gallery(trained.folder)
         entry = animals.get(name)
         if entry is None or entry.get("embedding_key") != open_set.embedding_key:
-            entry = {"photos": 0, "mean": np.zeros(scores.embeddings.shape[1]), "sources": []}
+            entry = {"photos": 0, "mean": np.zeros(scores.embeddings.shape[1]), "sources": [], "digests": []}
 
-        # A photo counts once in the mean, however often it is given.
-        seen = {str(Path(source).resolve()) for source in entry["sources"]}
+        # A photo counts once in the mean, however often and under whatever name it is given.
+        digests = [file_sha256(path) for path in photos]
+        seen = set(entry.get("digests", []))
         new = []
-        for index, path in enumerate(photos):
-            resolved = str(Path(path).resolve())
-            if resolved not in seen:
-                seen.add(resolved)
+        for index, digest in enumerate(digests):
+            if digest not in seen:
+                seen.add(digest)
                 new.append(index)
-        if len(new) < len(photos):
-            logger.warning("skipping %d of the --img photos: already enrolled as %r or given twice",
-                           len(photos) - len(new), name)
         if not new:
-            raise UserError(f"every --img photo is already enrolled as {name!r}; give other photos of it")
+            raise UserError(f"every --img photo is already enrolled as {name!r} (same file content); give other "
+                            "photos of it")
+        repeated = [str(photos[index]) for index in range(len(photos)) if index not in new]
+        if repeated:
+            logger.warning("skipping %d --img %s already enrolled as %r or given twice: %s", len(repeated),
+                           "photo" if len(repeated) == 1 else "photos", name, ", ".join(repeated[:3]))
 
         count = entry["photos"] + len(new)
         total = scores.embeddings[new].astype(np.float64).sum(axis=0)
         mean = (total + entry["photos"] * np.asarray(entry["mean"])) / count
-        sources = entry["sources"] + [str(photos[index]) for index in new]
+        sources = entry["sources"] + [str(Path(photos[index]).resolve()) for index in new]
+        digests = entry.get("digests", []) + [digests[index] for index in new]
         animals[name] = {"mean": [round(float(value), 7) for value in mean], "photos": count,
-                         "sources": sources, "embedding_key": open_set.embedding_key}
+                         "sources": sources, "digests": digests, "embedding_key": open_set.embedding_key}
         artifacts.write_gallery(trained.folder, animals)
     print(json.dumps({"enrolled": name, "photos": count, "gallery": sorted(animals)}, indent=2, ensure_ascii=False))
     return 0

@@ -170,11 +170,12 @@ def file_digests(photos: Sequence[Path]) -> dict[str, Path]:
 
 def check_same_photos(flag: str, folder: Path, digests: dict[str, Path], others: dict[str, Path], what: str) -> None:
     """Stop when a photo of ``folder`` (by its digest) is also one of ``others``, under whatever name."""
-    shared = sorted(path for digest, path in digests.items() if digest in others)
+    shared = sorted((path, others[digest]) for digest, path in digests.items() if digest in others)
     if shared:
-        photos_word, pronoun = ("photo", "it") if len(shared) == 1 else ("photos", "them")
-        raise UserError(f"{flag} {folder} contains {len(shared)} {photos_word} of {what} (for example {shared[0]}); "
-                        f"give a folder without {pronoun}, for example one of links to the other animals' folders")
+        path, other = shared[0]
+        more, pronoun = ("", "it") if len(shared) == 1 else (f" (and {len(shared) - 1} more)", "them")
+        raise UserError(f"{flag} {folder} contains a photo of {what}: {path} is the same file as {other}{more}; "
+                        f"remove {pronoun}, or give a folder of links that leaves {pronoun} out")
 
 
 def check_unknown_dir(unknown: Path, granja: Path) -> list[Path]:
@@ -257,9 +258,10 @@ def options_from_args(args: argparse.Namespace):
         raise UserError(f"--val-fraction {args.val_fraction} and --test-fraction {args.test_fraction} must each be "
                         "above 0 and add up to less than 1, leaving photos to train on")
     unknown_photos = None
-    if args.unknown_dir is not None:
+    # --resume takes these folders from the interrupted run, so the ones given here are not checked.
+    if args.unknown_dir is not None and not args.resume:
         unknown_photos = check_unknown_dir(args.unknown_dir, args.dataset_dir / args.granja)
-    if args.background_dir is not None:
+    if args.background_dir is not None and not args.resume:
         check_background_dir(args.background_dir, args.dataset_dir / args.granja, unknown_photos, args.unknown_dir)
     if not 0 <= args.rotation <= 180:
         raise UserError(f"--rotation must be from 0 to 180 degrees (got {args.rotation})")

@@ -314,8 +314,8 @@ def background_with_a_repeated_animal(root):
     (lambda tmp: background_with_a_granja_animal(tmp / "strays"), "folders named like the granja's"),
     (lambda tmp: make_background(tmp / "strangers"), "are both"),
     (lambda tmp: make_background(tmp / "strays"), "share animal folders ('stray 0')"),
-    (lambda tmp: background_with_a_granja_photo(tmp / "strays", tmp), "contains 1 photo of the granja's animals"),
-    (lambda tmp: make_background(tmp / "strays"), "contains 2 photos of --unknown-dir"),
+    (lambda tmp: background_with_a_granja_photo(tmp / "strays", tmp), "contains a photo of the granja's animals: "),
+    (lambda tmp: make_background(tmp / "strays"), "contains a photo of --unknown-dir"),
     (lambda tmp: tmp / "empty", "--background-dir: no class folders"),
     (lambda tmp: background_with_a_repeated_animal(tmp / "strays"), "has the same photo in two animal folders"),
 ])
