@@ -152,13 +152,15 @@ def granja_photos(granja: Path) -> dict[str, list[Path]]:
 
 
 def sub_folder_names(folder: Path) -> set[str]:
-    return {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+    from utils.images import is_junk_name
+
+    return {entry.name for entry in folder.iterdir() if entry.is_dir() and not is_junk_name(entry.name)}
 
 
-def name_list(names: Sequence[str], shown: int = 3) -> str:
-    """Up to ``shown`` quoted names and how many more, for one-line messages."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(repr(name) for name in names[:shown]) + more
+def name_list(names: Sequence[str], limit: int = 3) -> str:
+    """Join up to ``limit`` quoted names and how many more, for one-line messages."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(name) for name in names[:limit]) + more
 
 
 def file_digests(photos: Sequence[Path]) -> dict[str, Path]:

@@ -101,7 +101,8 @@ def test_identity_projection_learns_what_tells_animals_apart():
     background_x, _ = nuisance_photos(rng, identities[32:36], 6)  # held out of the projection's training
     unknown_x, _ = nuisance_photos(rng, identities[36:], 6)
     projection = fit_identity_projections(train_x, train_y, seed=0)
-    assert projection[0].shape == (24, 3 * 256) and projection[1].shape == (3 * 256,)
+    assert projection[0].shape == (24, 3 * 256)
+    assert projection[1].shape == (3 * 256,)
     granja = train_y < 4
     model = ClassModel.fit(train_x[granja], train_x[granja], train_y[granja], 4, projection)
     assert np.allclose(np.linalg.norm(model.identity(val_x), axis=1), 1.0)

@@ -143,7 +143,7 @@ class ClassModel:
         return scores
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The arrays to save, by name; ``from_arrays`` reads them back."""
+        """Collect the arrays to save, by name, in the form ``from_arrays`` reads back."""
         names = ["embedding_means", "penultimate_means", "precision"]
         if self.has_identity:
             names += ["projection_kernel", "projection_bias", "identity_means", "identity_precision"]
@@ -264,7 +264,7 @@ class Calibration:
 
 
 # NOTE: without a background set, the best score on dogs42 against 100 DogFaceNet dogs it never saw
-# reaches an AUROC of 0.91 and flags 71% of unknown photos; docs/benchmarks.md has the figures.
+# reaches an AUROC of 0.91 and flags 71% of unknown photos. docs/benchmarks.md has the figures.
 def calibrate(per_class: dict[str, np.ndarray], labels: np.ndarray, accept_rate: float = DEFAULT_ACCEPT_RATE,
               unknown_per_class: dict[str, np.ndarray] | None = None) -> Calibration:
     """Choose the score and thresholds from validation photos of known animals.
@@ -290,8 +290,8 @@ def enrolment_threshold(class_model: ClassModel, embeddings: np.ndarray, animals
                         accept_rate: float = DEFAULT_ACCEPT_RATE, photos: int = 5) -> float | None:
     """Identity cosine that ``accept_rate`` of an enrolled animal's other photos reach.
 
-    Simulates enrolment on animals that no part of training saw (held-out background animals):
-    each photo of an animal with at least 3 photos is compared with the mean embedding of up to
+    Simulates enrolment on animals that no part of training saw (held-out background animals).
+    Each photo of an animal with at least 3 photos is compared with the mean embedding of up to
     ``photos`` of its other photos, as ``testing.py --enroll`` stores it. None when no animal has
     3 photos.
     """
